@@ -1,0 +1,1 @@
+"""The HTTP surface (paths are contract: see DESIGN.md)."""

@@ -1,0 +1,110 @@
+"""The proxied endpoints speak raw ASGI (inside Litestar's router): measured at half the
+CPU per request of a regular Litestar handler, and it gives direct control of streaming
+and of client disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from litestar.types import Receive, Send
+
+from ..errors import GatewayError, bad_request, body_too_large
+from ..pipeline.context import Header
+
+
+class ClientDisconnected(asyncio.CancelledError):
+    """The client went away before the request body was complete."""
+
+
+_STREAM_HEADERS: list[Header] = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+class AsgiResponder:
+    """Writes a response to the ASGI ``send`` channel."""
+
+    __slots__ = ("_send", "disconnected", "finished", "started")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.disconnected = False
+        self.started = False
+        self.finished = False
+
+    async def send_json(self, status: int, headers: list[Header], body: bytes) -> None:
+        self.started = True
+        self.finished = True
+        await self._send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await self._send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def start_stream(self, status: int, headers: list[Header]) -> None:
+        self.started = True
+        await self._send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [*headers, *_STREAM_HEADERS],
+            }
+        )
+
+    async def send_chunk(self, data: bytes) -> None:
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def end_stream(self) -> None:
+        self.finished = True
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
+    """The whole request body, refusing more than ``limit`` bytes (413)."""
+    declared = headers.get(b"content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise body_too_large(limit)
+        except ValueError:
+            raise bad_request("Invalid Content-Length header.") from None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected("client disconnected while sending the body")
+        body: bytes = message.get("body", b"")  # type: ignore[assignment]
+        if body:
+            size += len(body)
+            if size > limit:
+                raise body_too_large(limit)
+            chunks.append(body)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def watch_disconnect(
+    receive: Receive, out: AsgiResponder, task: asyncio.Task[Any]
+) -> asyncio.Task[None]:
+    """Cancel ``task`` if the client goes away before the response is complete."""
+
+    async def watch() -> None:
+        message = await receive()
+        if message["type"] == "http.disconnect" and not out.finished:
+            out.disconnected = True
+            task.cancel()
+
+    return asyncio.get_running_loop().create_task(watch())
+
+
+async def send_error(send: Send, exc: GatewayError, extra: list[Header] | None = None) -> None:
+    out = AsgiResponder(send)
+    headers: list[Header] = [(b"content-type", b"application/json"), *(extra or [])]
+    headers.extend((k.encode(), v.encode()) for k, v in exc.headers.items())
+    with contextlib.suppress(OSError):
+        await out.send_json(exc.status, headers, exc.to_bytes())

@@ -1,0 +1,252 @@
+"""Prometheus metrics (names are contract: prefix ``gateway_``; see DESIGN.md).
+
+Labels are bounded by configuration: tenant and model names come from the config and
+policy files, never from requests; route is the routed model's rule name (or
+``direct`` / ``alias:NAME`` / ``downgrade``); status is a class (``2xx``). No request,
+key or end-user id is ever a label.
+
+With several worker processes, prometheus-client's multiprocess mode is used: each
+process writes its samples to files in one directory (made fresh at start) and
+``/metrics`` merges them."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from .money import nanos_to_float_usd
+
+if TYPE_CHECKING:
+    from .config.catalog import Model
+    from .pipeline.context import RequestContext
+    from .state.base import WindowState
+    from .upstream.errors import UpstreamError
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+OVERHEAD_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1,
+)  # fmt: skip
+CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.multiprocess = multiprocess_dir() is not None
+        # In multiprocess mode samples go to files whatever the registry; a private
+        # registry keeps several gateways in one test process apart.
+        reg = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "gateway_requests", "Requests handled, by outcome.",
+            ["tenant", "model", "provider", "route", "status_class", "cache"], registry=reg,
+        )  # fmt: skip
+        self.tokens = Counter(
+            "gateway_tokens", "Tokens billed by upstreams (kind: prompt, cached_prompt, "
+            "completion, reasoning). cached_prompt is part of prompt; reasoning of completion.",
+            ["tenant", "model", "kind"], registry=reg,
+        )  # fmt: skip
+        self.cost = Counter(
+            "gateway_cost_usd", "What tenants were charged, in USD.",
+            ["tenant", "model", "provider"], registry=reg,
+        )  # fmt: skip
+        self.cache_hits = Counter(
+            "gateway_cache_hits", "Requests answered from the prompt cache.",
+            ["tenant", "model"], registry=reg,
+        )  # fmt: skip
+        self.cache_saved = Counter(
+            "gateway_cache_saved_usd", "Upstream cost avoided by cache hits, in USD.",
+            ["tenant", "model"], registry=reg,
+        )  # fmt: skip
+        self.budget_rejections = Counter(
+            "gateway_budget_rejections", "Requests rejected because a budget window was full.",
+            ["tenant", "window"], registry=reg,
+        )  # fmt: skip
+        self.rate_limit_rejections = Counter(
+            "gateway_rate_limit_rejections", "Requests rejected by a tenant rate limit.",
+            ["tenant", "limit"], registry=reg,
+        )  # fmt: skip
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors", "Failed upstream attempts, by error code.",
+            ["provider", "model", "code"], registry=reg,
+        )  # fmt: skip
+        self.retries = Counter(
+            "gateway_retries", "Upstream attempts retried on the same model.",
+            ["provider", "model"], registry=reg,
+        )  # fmt: skip
+        self.fallbacks = Counter(
+            "gateway_fallbacks", "Requests that fell back to the next model of the chain.",
+            ["tenant", "from_model", "to_model"], registry=reg,
+        )  # fmt: skip
+        self.replays = Counter(
+            "gateway_idempotent_replays", "Responses replayed for a repeated Idempotency-Key.",
+            ["tenant"], registry=reg,
+        )  # fmt: skip
+        self.reloads = Counter(
+            "gateway_config_reloads", "Policy reload attempts, by result.",
+            ["result"], registry=reg,
+        )  # fmt: skip
+        self.reload_failures = Counter(
+            "gateway_config_reload_failures", "Policy reloads refused (the old policy stays).",
+            registry=reg,
+        )  # fmt: skip
+        self.internal_errors = Counter(
+            "gateway_internal_errors", "Unexpected failures inside the gateway (bugs).",
+            registry=reg,
+        )  # fmt: skip
+        self.ledger_failures = Counter(
+            "gateway_ledger_write_failures", "Ledger rows that could not be written.",
+            registry=reg,
+        )  # fmt: skip
+        self.queue_rejections = Counter(
+            "gateway_upstream_queue_rejections",
+            "Requests refused because a provider's capacity queue was full or too slow.",
+            ["provider"], registry=reg,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "gateway_request_duration_seconds", "Total time from request to last byte.",
+            ["tenant", "model", "stream"], buckets=LATENCY_BUCKETS, registry=reg,
+        )  # fmt: skip
+        self.upstream_latency = Histogram(
+            "gateway_upstream_duration_seconds", "Time spent waiting on the upstream.",
+            ["provider", "model"], buckets=LATENCY_BUCKETS, registry=reg,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "gateway_time_to_first_token_seconds", "Upstream time to the first stream chunk.",
+            ["provider", "model"], buckets=LATENCY_BUCKETS, registry=reg,
+        )  # fmt: skip
+        self.overhead = Histogram(
+            "gateway_overhead_seconds",
+            "Gateway time per request: total minus time waiting on the upstream.",
+            ["endpoint"], buckets=OVERHEAD_BUCKETS, registry=reg,
+        )  # fmt: skip
+        self.budget_limit = Gauge(
+            "gateway_budget_limit_usd", "A tenant's budget limit per window, in USD.",
+            ["tenant", "window"], registry=reg, multiprocess_mode="mostrecent",
+        )  # fmt: skip
+        self.budget_spent = Gauge(
+            "gateway_budget_spent_usd", "A tenant's spend in the current window, in USD.",
+            ["tenant", "window"], registry=reg, multiprocess_mode="mostrecent",
+        )  # fmt: skip
+        self.budget_remaining = Gauge(
+            "gateway_budget_remaining_usd",
+            "What a tenant can still spend in the current window (limit - spent - reserved).",
+            ["tenant", "window"], registry=reg, multiprocess_mode="mostrecent",
+        )  # fmt: skip
+        self.circuit = Gauge(
+            "gateway_circuit_state", "Circuit breaker per upstream model: 0 closed, "
+            "1 half-open, 2 open.", ["provider", "model"], registry=reg,
+            multiprocess_mode="max",
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "gateway_in_flight_requests", "Requests being handled now.", registry=reg,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    # -- exposition ----------------------------------------------------------------------
+    def exposition(self) -> bytes:
+        if self.multiprocess:
+            reg = CollectorRegistry()
+            MultiProcessCollector(reg)  # type: ignore[no-untyped-call]
+            return generate_latest(reg)
+        return generate_latest(self.registry)
+
+    # -- hot path helpers ------------------------------------------------------------------
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def observe(self, ctx: RequestContext) -> None:
+        """Everything a finished request contributes."""
+        tenant = ctx.tenant_name
+        model = ctx.model.name if ctx.model else ""
+        provider = ctx.model.provider if ctx.model else ""
+        route = ctx.route.label if ctx.route else ""
+        err = ctx.error
+        status = err.status if err is not None else (499 if ctx.client_gone else ctx.status)
+        self._child(
+            self.requests, tenant, model, provider, route, f"{status // 100}xx", ctx.cache_status
+        ).inc()
+        u = ctx.usage
+        if u is not None and ctx.cache_status != "hit":
+            if u.prompt_tokens:
+                self._child(self.tokens, tenant, model, "prompt").inc(u.prompt_tokens)
+            if u.cached_tokens:
+                self._child(self.tokens, tenant, model, "cached_prompt").inc(u.cached_tokens)
+            if u.completion_tokens:
+                self._child(self.tokens, tenant, model, "completion").inc(u.completion_tokens)
+            if u.reasoning_tokens:
+                self._child(self.tokens, tenant, model, "reasoning").inc(u.reasoning_tokens)
+        if ctx.charged:
+            self._child(self.cost, tenant, model, provider).inc(nanos_to_float_usd(ctx.charged))
+        if ctx.cache_status == "hit":
+            self._child(self.cache_hits, tenant, model).inc()
+            if ctx.saved:
+                self._child(self.cache_saved, tenant, model).inc(nanos_to_float_usd(ctx.saved))
+        if ctx.replayed:
+            self._child(self.replays, tenant).inc()
+        if err is not None:
+            if err.code == "budget_exceeded":
+                window = ctx.reject_window or ""
+                self._child(self.budget_rejections, tenant, window).inc()
+            elif err.code == "rate_limit_exceeded":
+                self._child(self.rate_limit_rejections, tenant, ctx.reject_limit or "").inc()
+        total = ctx.elapsed()
+        if tenant:
+            self._child(self.latency, tenant, model, "true" if ctx.stream else "false").observe(
+                total
+            )
+        if ctx.upstream_seconds and ctx.model is not None:
+            self._child(self.upstream_latency, provider, model).observe(ctx.upstream_seconds)
+        self._child(self.overhead, ctx.endpoint).observe(max(total - ctx.upstream_seconds, 0.0))
+
+    def first_token(self, model: Model, seconds: float) -> None:
+        self._child(self.ttft, model.provider, model.name).observe(seconds)
+
+    def upstream_error(self, model: Model, exc: UpstreamError) -> None:
+        self._child(self.upstream_errors, model.provider, model.name, exc.error_code).inc()
+
+    def retry(self, model: Model) -> None:
+        self._child(self.retries, model.provider, model.name).inc()
+
+    def fallback(self, ctx: RequestContext, src: Model, dst: Model) -> None:
+        self._child(self.fallbacks, ctx.tenant_name, src.name, dst.name).inc()
+
+    def internal_error(self) -> None:
+        self.internal_errors.inc()
+
+    def ledger_failure(self) -> None:
+        self.ledger_failures.inc()
+
+    def reload(self, ok: bool) -> None:
+        self._child(self.reloads, "success" if ok else "failure").inc()
+        if not ok:
+            self.reload_failures.inc()
+
+    def windows(self, tenant: str, windows: list[WindowState]) -> None:
+        for w in windows:
+            if w.limit is None:
+                continue
+            self._child(self.budget_limit, tenant, w.window).set(nanos_to_float_usd(w.limit))
+            self._child(self.budget_spent, tenant, w.window).set(nanos_to_float_usd(w.spent))
+            self._child(self.budget_remaining, tenant, w.window).set(
+                nanos_to_float_usd(w.remaining or 0)
+            )
+
+    def circuit_state(self, provider: str, model: str, state: str) -> None:
+        self._child(self.circuit, provider, model).set(CIRCUIT_STATES[state])

@@ -1,0 +1,153 @@
+"""Stage 6, admit: rate limits and the budget reservation, in one atomic state call.
+
+The worst case is reserved: counted prompt tokens (with a safety margin) at the input
+price, plus the most output the request may produce at the output price. A chat request
+that sets no max tokens gets the model's cap, and the gateway sends that cap upstream,
+so the worst case really is the worst case. If it does not fit, the request is rejected
+(402) before any money is spent, or, with ``on_budget_exceeded: clamp``, its max tokens
+are lowered to what fits."""
+
+from __future__ import annotations
+
+from ..config.catalog import Model
+from ..errors import GatewayError, bad_request, budget_exceeded, rate_limited, state_unavailable
+from ..money import nanos_to_usd
+from ..state.base import Admission, AdmitResult, RateLimits, StateUnavailable
+from .context import RequestContext
+from .headers import rate_limit_headers
+from .route import requested_max_output
+
+# Prompt counts are exact for OpenAI tokenizers but only close for other providers';
+# the reservation covers that difference.
+PROMPT_MARGIN_NUM, PROMPT_MARGIN_DEN, PROMPT_MARGIN_ADD = 11, 10, 16
+
+
+def reserve_prompt_tokens(tokens: int) -> int:
+    return -(-tokens * PROMPT_MARGIN_NUM // PROMPT_MARGIN_DEN) + PROMPT_MARGIN_ADD
+
+
+def output_cap(ctx: RequestContext, model: Model) -> int:
+    """Max completion tokens per choice for this request on ``model``."""
+    if ctx.endpoint != "chat":
+        return 0
+    if ctx.clamped_to is not None:
+        return ctx.clamped_to
+    req = requested_max_output(ctx)
+    return req if req is not None else model.max_output_tokens
+
+
+def worst_case(ctx: RequestContext) -> tuple[int, int, int]:
+    """(nano-dollars, tokens for tpm, max output tokens over all choices), for the most
+    expensive model of the fallback chain, so a fallback is covered too."""
+    assert ctx.prompt is not None and ctx.route is not None
+    n = _choices(ctx)
+    prompt = reserve_prompt_tokens(ctx.prompt.tokens)
+    amount = tokens = max_out = 0
+    for model in ctx.route.chain:
+        out = output_cap(ctx, model) * n
+        amount = max(amount, model.price.cost(prompt, out))
+        tokens = max(tokens, ctx.prompt.tokens + out)
+        max_out = max(max_out, out)
+    return amount, tokens, max_out
+
+
+def _choices(ctx: RequestContext) -> int:
+    n = ctx.body.get("n") if ctx.endpoint == "chat" else 1
+    return n if isinstance(n, int) and n > 0 else 1
+
+
+async def admit(
+    ctx: RequestContext, *, amount: int | None = None, tokens: int | None = None
+) -> None:
+    """Reserve for the request; ``amount``/``tokens`` override the worst case (cache hits
+    and replays reserve only what they may be charged and count no tokens)."""
+    rt = ctx.runtime
+    tenant = ctx.tenant
+    model = ctx.model
+    assert tenant is not None and model is not None
+    if amount is None or tokens is None:
+        amount, tokens, ctx.max_output = worst_case(ctx)
+    limits = tenant.limits
+    if limits.tpm is not None and tokens > limits.tpm:
+        raise bad_request(
+            f"This request needs up to {tokens} tokens (prompt plus max output), more than your "
+            f"limit of {limits.tpm} tokens per minute. Lower max_tokens or shorten the prompt.",
+            code="tokens_exceed_tpm",
+        )
+    min_amount = None
+    if tenant.on_budget_exceeded == "clamp" and ctx.endpoint == "chat" and ctx.clamped_to is None:
+        assert ctx.prompt is not None and ctx.route is not None
+        prompt = reserve_prompt_tokens(ctx.prompt.tokens)
+        out = tenant.clamp_min_tokens * _choices(ctx)
+        min_amount = max(m.price.cost(prompt, out) for m in ctx.route.chain)
+        if min_amount >= amount:
+            min_amount = None
+    admission = Admission(
+        tenant=tenant.name,
+        reservation_id=ctx.request_id,
+        amount=amount,
+        tokens=tokens,
+        budgets=tenant.budgets,
+        limits=RateLimits(limits.rpm, limits.tpm, limits.concurrent),
+        lease_ms=rt.lease_ms,
+        min_amount=min_amount,
+    )
+    try:
+        res = await rt.state.admit(admission)
+    except StateUnavailable as exc:
+        raise state_unavailable(str(exc)) from None
+    rt.note_windows(tenant.name, res.windows)
+    if not res.ok:
+        raise _rejection(ctx, res, amount)
+    ctx.admission = res
+    ctx.reservation_id = ctx.request_id
+    ctx.worst_case = res.granted
+    ctx.admitted_tokens = tokens
+    rt.leases.hold(tenant.name, ctx.request_id)
+    if res.granted < amount:
+        _clamp(ctx, res.granted)
+
+
+def _clamp(ctx: RequestContext, granted: int) -> None:
+    """Lower max tokens so the worst case on every model of the chain fits ``granted``."""
+    assert ctx.prompt is not None and ctx.route is not None
+    n = _choices(ctx)
+    prompt = reserve_prompt_tokens(ctx.prompt.tokens)
+    per_choice = min(m.price.max_output_for(granted, prompt) for m in ctx.route.chain) // n
+    ctx.clamped_to = per_choice
+    ctx.max_output = per_choice * n
+    assert ctx.route is not None
+    ctx.route.reason += f";clamp:max_tokens={per_choice}"
+
+
+def _rejection(ctx: RequestContext, res: AdmitResult, amount: int) -> GatewayError:
+    if res.rejected_by == "budget":
+        ctx.reject_window = res.window
+        w = next(x for x in res.windows if x.window == res.window)
+        resets = "never (total budget)" if w.resets_at_ms is None else _iso(w.resets_at_ms)
+        return budget_exceeded(
+            f"Budget exceeded: this request may cost up to ${nanos_to_usd(amount)}, but your "
+            f"{w.window} budget of ${nanos_to_usd(w.limit or 0)} has ${nanos_to_usd(w.spent)} "
+            f"spent and ${nanos_to_usd(w.reserved)} reserved by requests in flight "
+            f"(${nanos_to_usd(w.remaining or 0)} left). It resets {resets}. "
+            "Lower max_tokens, use a cheaper model, or ask your operator to raise the budget."
+        )
+    ctx.reject_limit = res.rejected_by
+    limits = ctx.tenant.limits if ctx.tenant else None
+    what = {
+        "rpm": f"{limits.rpm if limits else '?'} requests per minute",
+        "tpm": f"{limits.tpm if limits else '?'} tokens per minute",
+        "concurrent": f"{limits.concurrent if limits else '?'} concurrent requests",
+    }[res.rejected_by or "rpm"]
+    retry = res.retry_after_ms / 1000
+    return rate_limited(
+        f"Rate limit reached: your key is limited to {what}. Retry after {retry:.1f}s.",
+        retry,
+        dict(rate_limit_headers(res.rate, as_str=True)),
+    )
+
+
+def _iso(ms: int) -> str:
+    from datetime import UTC, datetime
+
+    return "at " + datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,155 @@
+"""Stage 5, cache lookup (and, in ``finish``, the store).
+
+Exact match on a hash of the canonical request: the resolved concrete model and every
+field that changes the output (not ``stream``, ``stream_options``, ``user``,
+``metadata``), scoped to the tenant unless its policy shares entries. Mode
+``deterministic`` (the default) caches embeddings and chat requests with
+``temperature: 0`` only; ``always`` caches everything; ``off`` nothing.
+``Cache-Control: no-cache`` skips the read, ``no-store`` the write. Answers are stored
+assembled, so a stream can answer a non-stream request and the other way round.
+
+Concurrent identical misses make one upstream call (single-flight): the first becomes
+the leader, the others wait for its answer (woken at once in the same process, polling
+across processes) and are served it as a hit."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from decimal import ROUND_FLOOR, Decimal
+
+import orjson
+
+from ..errors import state_unavailable
+from ..state.base import StateUnavailable
+from .admit import output_cap
+from .assemble import assemble
+from .context import RequestContext
+from .stored import Stored
+
+EXCLUDED = frozenset({"stream", "stream_options", "user", "metadata", "model"})
+
+
+def cacheable(ctx: RequestContext) -> bool:
+    assert ctx.tenant is not None
+    mode = ctx.tenant.cache.mode
+    if mode == "off":
+        return False
+    if mode == "always" or ctx.endpoint == "embeddings":
+        return True
+    t = ctx.body.get("temperature")
+    return isinstance(t, int | float) and not isinstance(t, bool) and t == 0
+
+
+def cache_key(ctx: RequestContext) -> str:
+    assert ctx.tenant is not None and ctx.model is not None
+    material = {
+        "e": ctx.endpoint,
+        "m": ctx.model.name,
+        "cap": output_cap(ctx, ctx.model),
+        "b": {k: v for k, v in ctx.body.items() if k not in EXCLUDED},
+    }
+    digest = hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    scope = "shared" if ctx.tenant.cache.shared else ctx.tenant.name
+    return f"{scope}:{digest}"
+
+
+async def lookup(ctx: RequestContext) -> Stored | None:
+    tenant = ctx.tenant
+    assert tenant is not None
+    if not cacheable(ctx):
+        ctx.cache_status = "off" if tenant.cache.mode == "off" else "bypass"
+        return None
+    rt = ctx.runtime
+    key = ctx.cache_key = cache_key(ctx)
+    cc = (ctx.headers.get(b"cache-control") or b"").lower()
+    ctx.cache_store = b"no-store" not in cc
+    if b"no-cache" in cc:
+        ctx.cache_status = "bypass"
+        return None
+    try:
+        raw = await rt.state.cache_get(key)
+        if raw is not None:
+            return _hit(ctx, raw)
+        lease_ms = rt.lease_ms
+        if await rt.state.flight_begin(key, lease_ms):
+            ctx.flight_leader = True
+            ctx.cache_status = "miss"
+            return None
+        deadline = time.monotonic() + rt.config.gateway.cache.single_flight_wait_seconds
+        while time.monotonic() < deadline:
+            await rt.flights.wait(key, 0.1)
+            raw = await rt.state.cache_get(key)
+            if raw is not None:
+                return _hit(ctx, raw)
+            if await rt.state.flight_begin(key, lease_ms):  # the leader gave up
+                ctx.flight_leader = True
+                break
+    except StateUnavailable as exc:
+        raise state_unavailable(str(exc)) from None
+    ctx.cache_status = "miss"
+    return None
+
+
+def _hit(ctx: RequestContext, raw: bytes) -> Stored:
+    tenant = ctx.tenant
+    assert tenant is not None
+    stored = Stored.decode(raw)
+    ctx.cache_status = "hit"
+    model = ctx.runtime.catalog.models.get(stored.model)
+    u = stored.usage
+    if model is not None:
+        ctx.saved = model.price.cost(
+            int(u.get("prompt_tokens", 0)),
+            int(u.get("completion_tokens", 0)),
+            int(u.get("cached_tokens", 0)),
+        )
+    share = tenant.hit_charge
+    ctx.hit_charge = int((Decimal(ctx.saved) * share).to_integral_value(ROUND_FLOOR))
+    return stored
+
+
+async def finish(ctx: RequestContext) -> None:
+    key = ctx.cache_key
+    if key is None:
+        return
+    rt = ctx.runtime
+    try:
+        if _storable(ctx):
+            await rt.state.cache_put(key, _entry(ctx), ctx.tenant.cache.ttl_seconds * 1000)  # type: ignore[union-attr]
+    finally:
+        if ctx.flight_leader:
+            await rt.state.flight_end(key)
+            rt.flights.notify(key)
+
+
+def _storable(ctx: RequestContext) -> bool:
+    return (
+        ctx.cache_store
+        and ctx.completed
+        and ctx.error is None
+        and ctx.cache_status != "hit"
+        and not ctx.replayed
+        and ctx.clamped_to is None
+        and ctx.usage is not None
+        and ctx.route is not None
+        and ctx.model is ctx.route.model
+    )
+
+
+def _entry(ctx: RequestContext) -> bytes:
+    model, u = ctx.model, ctx.usage
+    assert model is not None and u is not None
+    if ctx.stream:
+        body = orjson.dumps(assemble(ctx.streamed, ctx.usage_raw))
+    else:
+        body = ctx.response_body
+    usage = {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "cached_tokens": u.cached_tokens,
+    }
+    return Stored(
+        kind="cache", model=model.name, provider=model.provider,
+        route=ctx.route.reason if ctx.route else "", body=body, usage=usage,
+    ).encode()  # fmt: skip

@@ -1,0 +1,148 @@
+"""What one request carries through the pipeline, and where its response goes."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..config.catalog import Model
+from ..config.snapshot import Policy, Tenant
+from ..errors import GatewayError
+from ..state.base import AdmitResult, LedgerRow, WindowState
+from ..tokens import PromptInfo
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
+Header = tuple[bytes, bytes]
+
+
+def new_request_id(now_ms: int) -> str:
+    """Time-ordered and unique: 12 hex digits of milliseconds, 12 random."""
+    return f"req_{now_ms:012x}{os.urandom(6).hex()}"
+
+
+class Responder(Protocol):
+    """Where a response is written: the HTTP connection (or a recorder for replays)."""
+
+    disconnected: bool
+
+    async def send_json(self, status: int, headers: list[Header], body: bytes) -> None: ...
+
+    async def start_stream(self, status: int, headers: list[Header]) -> None: ...
+
+    async def send_chunk(self, data: bytes) -> None: ...
+
+    async def end_stream(self) -> None: ...
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    source: str = "upstream"  # "upstream" | "counted"
+
+
+@dataclass(slots=True)
+class RouteDecision:
+    model: Model
+    chain: tuple[Model, ...]
+    reason: str
+    label: str  # bounded value for metric labels (route name/rule, "direct", ...)
+
+
+@dataclass(slots=True)
+class Attempt:
+    model: str
+    provider: str
+    outcome: str  # "ok" or an error code
+    status: int
+    ms: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "provider": self.provider,
+            "outcome": self.outcome,
+            "status": self.status,
+            "ms": self.ms,
+        }
+
+
+@dataclass(slots=True)
+class RequestContext:
+    runtime: Runtime
+    endpoint: str  # "chat" | "embeddings"
+    upstream_path: str  # "/chat/completions" | "/embeddings"
+    request_id: str
+    started: float  # perf_counter at arrival
+    started_ms: int  # wall clock at arrival
+    policy: Policy
+    headers: dict[bytes, bytes]
+    read_body: Callable[[], Awaitable[bytes]] | None = None
+    raw: bytes = b""
+    body: dict[str, Any] = field(default_factory=dict)
+
+    tenant: Tenant | None = None
+    key_fp: str = ""
+    requested_model: str = ""
+    stream: bool = False
+    include_usage: bool = False
+    end_user: str = ""
+    task: str | None = None
+
+    prompt: PromptInfo | None = None
+    max_output: int = 0  # worst-case completion tokens over all choices
+    route: RouteDecision | None = None
+    model: Model | None = None  # the model of the current attempt
+
+    reservation_id: str = ""
+    worst_case: int = 0
+    admission: AdmitResult | None = None
+    admitted_tokens: int = 0
+    clamped_to: int | None = None
+    reject_window: str | None = None  # the budget window that rejected the request
+    reject_limit: str | None = None  # the rate limit that rejected it (rpm, tpm, concurrent)
+
+    cache_key: str | None = None
+    cache_status: str = "off"
+    flight_leader: bool = False
+    idem_key: str | None = None
+    idem_fingerprint: str = ""
+    idem_claimed: bool = False
+    idem_tee: Any = None  # the Tee recording the response for replay
+    cache_store: bool = True  # False with Cache-Control: no-store
+    replayed: bool = False
+
+    attempts: list[Attempt] = field(default_factory=list)
+    usage: Usage | None = None
+    usage_raw: dict[str, Any] | None = None  # the upstream's usage object, as sent
+    streamed: list[bytes] = field(default_factory=list)  # stream payloads, for counting
+    first_byte_sent: bool = False
+    completed: bool = False  # the full response reached the responder
+    client_gone: bool = False
+    upstream_seconds: float = 0.0
+    ttft: float | None = None
+
+    hit_charge: int | None = None  # set when served from the cache
+    saved: int = 0  # what a cache hit would have cost upstream
+    charged: int = 0
+    settled: bool = False
+    finished: bool = False
+    row: LedgerRow | None = None
+    windows: list[WindowState] = field(default_factory=list)
+    status: int = 200
+    error: GatewayError | None = None
+    response_body: bytes = b""  # non-stream body kept for idempotency and the cache
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    @property
+    def tenant_name(self) -> str:
+        return self.tenant.name if self.tenant else ""

@@ -1,0 +1,154 @@
+"""Relaying a stream: SSE events go to the client as they arrive, byte for byte.
+
+The gateway always asks upstream for a final usage chunk. It holds that chunk back,
+settles the request (the ledger row is committed), then sends the chunk with the cost
+added, if the client asked for usage, and ``[DONE]``. So a stream's last byte leaves
+only after its charge is durable. A failure after the first byte cannot fall back any
+more: the stream ends with an error event in OpenAI's shape, and what was consumed is
+charged (from the upstream's usage if it came, else counted from the relayed text)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+from ..config.catalog import Model
+from ..money import nanos_to_usd
+from ..sse import DONE, DONE_EVENT, EventSplitter, data_event, event_data
+from ..upstream.errors import UpstreamBadResponse, UpstreamError, from_status
+from .context import RequestContext, Responder
+from .headers import SSE, gateway_headers, min_remaining
+from .settle import settle
+from .usage import count_streamed, usage_from
+
+
+def _usage_in(payload: bytes) -> tuple[dict[str, Any], Any] | None:
+    """(chunk, usage) when the chunk carries a non-null ``usage`` object."""
+    i = payload.find(b'"usage":')
+    if i < 0:
+        return None
+    j = i + 8
+    while payload[j : j + 1] == b" ":
+        j += 1
+    if payload[j : j + 1] != b"{":
+        return None
+    chunk = orjson.loads(payload)
+    return (chunk, chunk.get("usage")) if isinstance(chunk, dict) else None
+
+
+def _is_error(payload: bytes) -> bool:
+    return payload.lstrip()[:9] == b'{"error"'
+
+
+async def relay_stream(
+    ctx: RequestContext, out: Responder, model: Model, body: bytes, t0: float
+) -> None:
+    rt = ctx.runtime
+    up = rt.upstreams[model.provider]
+    stream = await up.open_stream(ctx.upstream_path, body, model.name)
+    ctx.upstream_seconds += time.perf_counter() - t0
+    splitter = EventSplitter()
+    usage_chunk: dict[str, Any] | None = None
+    saw_done = False
+    try:
+        while True:
+            w0 = time.perf_counter()
+            try:
+                data = await stream.read()
+            except UpstreamError as read_error:
+                if not ctx.first_byte_sent:
+                    raise
+                await _abort(ctx, out, model, read_error)
+                raise
+            finally:
+                ctx.upstream_seconds += time.perf_counter() - w0
+            if not data:
+                break
+            for ev in splitter.feed(data):
+                payload = event_data(ev)
+                if payload is None:  # a comment such as ": keep-alive"
+                    if ctx.first_byte_sent:
+                        await out.send_chunk(ev)
+                    continue
+                if payload == DONE:
+                    saw_done = True
+                    continue
+                found = _usage_in(payload)
+                if found is not None:
+                    chunk, usage = found
+                    ctx.usage = usage_from(usage) or ctx.usage
+                    ctx.usage_raw = usage if isinstance(usage, dict) else ctx.usage_raw
+                    if not chunk.get("choices"):
+                        usage_chunk = chunk
+                        continue
+                elif _is_error(payload):
+                    failure = from_status(model.provider, model.name, 502, payload, None, ())
+                    if not ctx.first_byte_sent:
+                        raise failure
+                    await _abort(ctx, out, model, failure)
+                    raise failure
+                if not ctx.first_byte_sent:
+                    now = time.perf_counter()
+                    ctx.ttft = now - ctx.started
+                    rt.metrics.first_token(model, now - t0)
+                    await out.start_stream(200, [SSE, *gateway_headers(ctx, cost=False)])
+                    ctx.first_byte_sent = True
+                await out.send_chunk(ev)
+                ctx.streamed.append(payload)
+    finally:
+        await stream.aclose()
+
+    if not ctx.first_byte_sent:
+        raise UpstreamBadResponse(model.provider, model.name, "the stream ended without any data")
+    if not saw_done and ctx.usage is None:
+        cut = UpstreamBadResponse(
+            model.provider, model.name, "the stream ended before it was complete"
+        )
+        await _abort(ctx, out, model, cut)
+        raise cut
+    if ctx.usage is None:  # a server that ignores stream_options
+        ctx.usage = count_streamed(ctx, model)
+    await settle(ctx)
+    if ctx.include_usage:
+        await out.send_chunk(data_event(orjson.dumps(_final_usage(ctx, usage_chunk))))
+    await out.send_chunk(DONE_EVENT)
+    await out.end_stream()
+    ctx.completed = True
+
+
+def _final_usage(ctx: RequestContext, chunk: dict[str, Any] | None) -> dict[str, Any]:
+    """The usage chunk the client asked for, with what the request cost added."""
+    if chunk is None:
+        first = orjson.loads(ctx.streamed[0]) if ctx.streamed else {}
+        u = ctx.usage
+        assert u is not None
+        chunk = {
+            "id": first.get("id", ctx.request_id),
+            "object": "chat.completion.chunk",
+            "created": first.get("created", ctx.started_ms // 1000),
+            "model": first.get("model", ctx.model.upstream_model if ctx.model else ""),
+            "choices": [],
+            "usage": {
+                "prompt_tokens": u.prompt_tokens,
+                "completion_tokens": u.completion_tokens,
+                "total_tokens": u.prompt_tokens + u.completion_tokens,
+            },
+        }
+    gw: dict[str, Any] = {"request_id": ctx.request_id, "cost_usd": nanos_to_usd(ctx.charged)}
+    remaining = min_remaining(ctx.windows)
+    if remaining is not None:
+        gw["budget_remaining_usd"] = nanos_to_usd(remaining)
+    chunk["x_gateway"] = gw
+    return chunk
+
+
+async def _abort(ctx: RequestContext, out: Responder, model: Model, exc: UpstreamError) -> None:
+    """End a stream that already started: charge what was consumed, then an error event."""
+    if ctx.usage is None:
+        ctx.usage = count_streamed(ctx, model)
+    ctx.error = exc
+    await settle(ctx)
+    await out.send_chunk(data_event(exc.to_bytes()))
+    await out.end_stream()

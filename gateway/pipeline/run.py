@@ -1,0 +1,105 @@
+"""The order of the stages, written down once.
+
+    authenticate -> parse -> route -> idempotency -> cache lookup
+      -> admit (rate limits + budget reserve) -> forward (retries, fallbacks)
+      -> settle -> record
+
+A replayed idempotent response or a cache hit skips ``forward`` but is still admitted
+(rate limits count it; it reserves only what a hit may be charged) and settled, so every
+request that reached a tenant has exactly one ledger row. Whatever happens (an error, a
+client that disconnects, a cancelled task), ``finish`` settles and records, shielded
+from cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ..errors import GatewayError, internal
+from . import cache, idempotency
+from .admit import admit
+from .authenticate import authenticate
+from .context import RequestContext, Responder
+from .forward import forward
+from .headers import JSON, gateway_headers
+from .parse import parse
+from .record import record
+from .route import route
+from .settle import settle
+
+log = logging.getLogger("gateway.pipeline")
+
+
+async def _stages(ctx: RequestContext, out: Responder) -> None:
+    authenticate(ctx)
+    await parse(ctx)
+    route(ctx)
+    stored = await idempotency.begin(ctx)
+    if stored is None:
+        stored = await cache.lookup(ctx)
+    if stored is not None:
+        await admit(ctx, amount=ctx.hit_charge or 0, tokens=0)
+        await stored.serve(ctx, out)
+        return
+    await admit(ctx)
+    await forward(ctx, idempotency.wrap(ctx, out))
+
+
+async def handle(ctx: RequestContext, out: Responder) -> None:
+    """Run one request to the end; never raises except to propagate cancellation."""
+    try:
+        await _stages(ctx, out)
+    except GatewayError as exc:
+        ctx.error = exc
+        await _send_error(ctx, out, exc)
+    except asyncio.CancelledError:
+        ctx.client_gone = True
+        await _shielded(ctx)
+        raise
+    except Exception:
+        log.exception("request %s failed unexpectedly", ctx.request_id)
+        ctx.error = internal(ctx.request_id)
+        ctx.runtime.metrics.internal_error()
+        await _send_error(ctx, out, ctx.error)
+    await _shielded(ctx)
+
+
+async def _send_error(ctx: RequestContext, out: Responder, exc: GatewayError) -> None:
+    ctx.status = exc.status
+    if ctx.first_byte_sent or ctx.completed:
+        return  # a stream that started carries its error as its last event
+    headers = (
+        [JSON, *gateway_headers(ctx, cost=True)]
+        if ctx.tenant
+        else [JSON, (b"x-gateway-request-id", ctx.request_id.encode())]
+    )
+    headers.extend((k.encode(), v.encode()) for k, v in exc.headers.items())
+    await out.send_json(exc.status, headers, exc.to_bytes())
+
+
+async def _shielded(ctx: RequestContext) -> None:
+    """Run ``finish`` to completion even if this task is cancelled meanwhile."""
+    task = ctx.runtime.track(finish(ctx))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        ctx.client_gone = True
+        raise
+
+
+async def finish(ctx: RequestContext) -> None:
+    if ctx.finished:
+        return
+    ctx.finished = True
+    try:
+        await settle(ctx)
+    except GatewayError as exc:
+        ctx.error = ctx.error or exc
+    except Exception:
+        log.exception("settling request %s failed", ctx.request_id)
+    try:
+        await idempotency.finish(ctx)
+        await cache.finish(ctx)
+    except Exception:
+        log.exception("storing request %s for replay failed", ctx.request_id)
+    await record(ctx)

@@ -1,0 +1,124 @@
+"""Everything a request needs, built once at start-up and shared."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from .clock import SYSTEM_CLOCK, Clock
+from .config import LoadedConfig, Policy, ProviderConfig, Tenant
+from .flights import FlightHub
+from .leases import LeaseKeeper
+from .logs import AccessLog
+from .metrics import Metrics
+from .policy_store import PolicyStore
+from .state import StateBackend, WindowState, open_state
+from .tokens import TokenCounter
+from .upstream import Upstream, build_upstreams
+from .upstream.breaker import Breakers
+from .upstream.capacity import Capacity
+
+log = logging.getLogger("gateway")
+T = TypeVar("T")
+
+
+class Runtime:
+    def __init__(
+        self,
+        config: LoadedConfig,
+        *,
+        policy: Policy | None = None,
+        state: StateBackend | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        watch_policies: bool = True,
+    ) -> None:
+        cfg = config.gateway
+        self.config = config
+        self.catalog = config.catalog
+        self.clock = clock
+        self.metrics = Metrics()
+        self.policies = PolicyStore(config, self.metrics, policy)
+        self.tokens = TokenCounter(cfg.tokenizer.cache_dir)
+        self.state = state if state is not None else open_state(cfg.state, cfg, clock)
+        self.upstreams: dict[str, Upstream] = build_upstreams(cfg.providers, self.tokens)
+        self.lease_ms = cfg.reservations.lease_seconds * 1000
+        self.leases = LeaseKeeper(self.state, self.lease_ms)
+        self.breakers = Breakers(self.metrics.circuit_state)
+        self.capacity = Capacity(dict(cfg.providers))
+        self.flights = FlightHub()
+        self.access_log = AccessLog(cfg.logging)
+        self.admin_keys = frozenset(
+            bytes.fromhex(k.removeprefix("sha256:")) for k in cfg.admin_keys
+        )
+        self.max_body = cfg.requests.max_body_bytes
+        self.watch_policies = watch_policies
+        self._windows: dict[str, list[WindowState]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.ready = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.tokens.load(self.config.gateway.tokenizer.load_timeout_seconds)
+        await self.state.start()
+        self.leases.start()
+        self.access_log.start()
+        if self.watch_policies:
+            self.policies.start()
+        policy = self.policies.current
+        log.info(
+            "gateway ready: state=%s, %d providers, %d models, %d tenants, policy digest %s",
+            self.state.name,
+            len(self.upstreams),
+            len(self.catalog.models),
+            len(policy.tenants),
+            policy.digest,
+        )
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=30)
+        await self.policies.stop()
+        await self.leases.stop()
+        for up in self.upstreams.values():
+            await up.aclose()
+        await self.state.close()
+        await self.access_log.stop()
+
+    def track(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run ``coro`` as a task that shutdown waits for (settlements, ledger writes)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- shared knowledge ------------------------------------------------------------------
+    @property
+    def policy(self) -> Policy:
+        return self.policies.current
+
+    def provider_config(self, name: str) -> ProviderConfig:
+        return self.config.gateway.providers[name]
+
+    def note_windows(self, tenant: str, windows: list[WindowState]) -> None:
+        """Remember a tenant's latest budget state (for downgrades and gauges)."""
+        self._windows[tenant] = windows
+        self.metrics.windows(tenant, windows)
+
+    def budget_share_remaining(self, tenant: Tenant) -> float | None:
+        """The smallest share of any budget window still available, as last seen."""
+        windows = self._windows.get(tenant.name)
+        if not windows:
+            return None
+        shares = [
+            (w.remaining or 0) / w.limit for w in windows if w.limit is not None and w.limit > 0
+        ]
+        return min(shares) if shares else None
+
+
+def key_hash_line(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()

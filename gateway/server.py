@@ -1,0 +1,82 @@
+"""Running the gateway: uvicorn with uvloop and httptools, one or several workers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import uvicorn
+from litestar import Litestar
+
+from .app import create_app
+from .config import LoadedConfig, load_config, load_policy
+from .logs import setup_logging
+from .runtime import Runtime
+
+CONFIG_ENV = "GATEWAY_CONFIG"
+
+
+def _uvicorn_options() -> dict[str, object]:
+    try:
+        import uvloop  # noqa: F401
+
+        loop = "uvloop"
+    except ImportError:  # pragma: no cover - Windows
+        loop = "asyncio"
+    return {
+        "loop": loop,
+        "http": "httptools",
+        "lifespan": "on",
+        "access_log": False,
+        "log_config": None,
+        "backlog": 4096,
+        # SDK clients keep connections open between calls.
+        "timeout_keep_alive": 75,
+        "timeout_graceful_shutdown": 30,
+    }
+
+
+def worker_app() -> Litestar:
+    """App factory for worker processes (``--workers > 1``): config from the environment."""
+    loaded = load_config(os.environ[CONFIG_ENV])
+    setup_logging(loaded.gateway.logging)
+    return create_app(Runtime(loaded))
+
+
+def prepare_multiprocess_metrics(loaded: LoadedConfig) -> str:
+    """A fresh, empty directory for prometheus-client's multiprocess mode."""
+    configured = loaded.gateway.metrics.multiproc_dir
+    path = Path(configured) if configured else Path(tempfile.mkdtemp(prefix="gateway-metrics-"))
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    return str(path)
+
+
+def serve(config_path: str, host: str | None, port: int | None, workers: int | None) -> None:
+    loaded = load_config(config_path)
+    policy = load_policy(loaded)  # refuse to start on a bad policy
+    cfg = loaded.gateway
+    setup_logging(cfg.logging)
+    n = workers or cfg.workers
+    host = host or cfg.listen.host
+    port = cfg.listen.port if port is None else port
+    if n > 1:
+        if not cfg.state.startswith(("redis://", "rediss://")):
+            raise SystemExit(
+                f"{config_path}: workers: {n} worker processes need shared state; "
+                "set state to a redis:// URL"
+            )
+        prepare_multiprocess_metrics(loaded)
+        os.environ[CONFIG_ENV] = str(loaded.path)
+        uvicorn.run(
+            "gateway.server:worker_app", factory=True, host=host, port=port, workers=n,
+            **_uvicorn_options(),  # type: ignore[arg-type]
+        )  # fmt: skip
+        return
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    app = create_app(Runtime(loaded, policy=policy))
+    uvicorn.run(app, host=host, port=port, **_uvicorn_options())  # type: ignore[arg-type]

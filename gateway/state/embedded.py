@@ -1,0 +1,208 @@
+"""The embedded backend (default): one gateway process, no other service.
+
+Counters live in memory (:mod:`.accounts`); the ledger, spend per window period and
+completed idempotency keys are durable in SQLite (:mod:`.sqlite_store`) and rebuilt at
+start. The prompt cache is an in-memory LRU bounded in bytes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from ..clock import SYSTEM_CLOCK, Clock
+from ..config.snapshot import BudgetLimits
+from .accounts import Accounts
+from .base import (
+    Admission,
+    AdmitResult,
+    IdemBegin,
+    LedgerPage,
+    LedgerQuery,
+    LedgerRow,
+    Settlement,
+    SettleResult,
+    StateBackend,
+    StateUnavailable,
+    WindowState,
+)
+from .sqlite_store import SqliteStore, ledger_write
+
+_IDEM_UPSERT = (
+    "INSERT OR REPLACE INTO idempotency (tenant, key, fingerprint, record, expires_ms) "
+    "VALUES (?, ?, ?, ?, ?)"
+)
+
+
+@dataclass(slots=True)
+class _Idem:
+    fingerprint: str
+    done: bool
+    record: bytes | None
+    expires_ms: int
+
+
+class ByteLRU:
+    """An LRU map bounded by the total size of its values, with per-entry expiry."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._d: OrderedDict[str, tuple[bytes, int]] = OrderedDict()
+
+    def get(self, key: str, now: int) -> bytes | None:
+        item = self._d.get(key)
+        if item is None:
+            return None
+        value, expires = item
+        if expires <= now:
+            self._pop(key)
+            return None
+        self._d.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: bytes, expires: int) -> None:
+        if len(value) > self.max_bytes:
+            return
+        if key in self._d:
+            self._pop(key)
+        self._d[key] = (value, expires)
+        self.size += len(value)
+        while self.size > self.max_bytes:
+            old, _ = next(iter(self._d.items()))
+            self._pop(old)
+
+    def _pop(self, key: str) -> None:
+        value, _ = self._d.pop(key)
+        self.size -= len(value)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+class EmbeddedState(StateBackend):
+    name = "embedded"
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        sync: str = "normal",
+        cache_bytes: int = 256 * 1024 * 1024,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.clock = clock
+        self.accounts = Accounts()
+        self.store = SqliteStore(path, sync)
+        self.cache = ByteLRU(cache_bytes)
+        self._idem: dict[tuple[str, str], _Idem] = {}
+        self._flights: dict[str, int] = {}
+        self._started = False
+
+    async def start(self) -> None:
+        conn = await asyncio.to_thread(self.store.open)
+        rows = await asyncio.to_thread(
+            lambda: conn.execute("SELECT tenant, period, nanos FROM spend").fetchall()
+        )
+        now = self.clock.now_ms()
+        for tenant, p, nanos in rows:
+            self.accounts.load_spent(tenant, p, nanos)
+        idem = await asyncio.to_thread(
+            lambda: conn.execute(
+                "SELECT tenant, key, fingerprint, record, expires_ms FROM idempotency "
+                "WHERE expires_ms > ?",
+                (now,),
+            ).fetchall()
+        )
+        for tenant, key, fp, record, exp in idem:
+            self._idem[(tenant, key)] = _Idem(fp, True, bytes(record), exp)
+        self.store.start(asyncio.get_running_loop())
+        self._started = True
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    async def ping(self) -> None:
+        if not self._started:
+            raise StateUnavailable("embedded state is not started")
+        if self.store.broken:
+            raise StateUnavailable(f"the ledger database fails to commit ({self.store.broken})")
+
+    # -- money and limits ------------------------------------------------------------------
+    async def admit(self, a: Admission) -> AdmitResult:
+        return self.accounts.admit(a, self.clock.now_ms())
+
+    async def settle(self, s: Settlement) -> SettleResult:
+        now = self.clock.now_ms()
+        charged, periods = self.accounts.settle(
+            s.tenant, s.reservation_id, s.charge, s.tokens_delta, s.budgets, now
+        )
+        s.row.cost = charged
+        s.row.overrun = max(s.charge - charged, 0)
+        try:
+            await self.store.write(ledger_write(s.row, [(p, charged) for p in periods]))
+        except BaseException:
+            self.accounts.refund(s.tenant, periods, charged)
+            s.row.cost = 0
+            raise
+        return SettleResult(charged, self.accounts.usage(s.tenant, s.budgets, now))
+
+    async def record(self, row: LedgerRow) -> None:
+        await self.store.write(ledger_write(row, []))
+
+    async def extend(self, tenant: str, reservation_ids: list[str], lease_ms: int) -> None:
+        self.accounts.extend(tenant, reservation_ids, lease_ms, self.clock.now_ms())
+
+    async def usage(self, tenant: str, budgets: BudgetLimits) -> list[WindowState]:
+        return self.accounts.usage(tenant, budgets, self.clock.now_ms())
+
+    async def ledger(self, q: LedgerQuery) -> LedgerPage:
+        return await self.store.ledger(q)
+
+    # -- idempotency -------------------------------------------------------------------
+    async def idem_begin(self, tenant: str, key: str, fingerprint: str, lease_ms: int) -> IdemBegin:
+        now = self.clock.now_ms()
+        item = self._idem.get((tenant, key))
+        if item is not None and item.expires_ms <= now:
+            item = None
+        if item is None:
+            self._idem[(tenant, key)] = _Idem(fingerprint, False, None, now + lease_ms)
+            return IdemBegin("new")
+        if item.fingerprint != fingerprint:
+            return IdemBegin("mismatch")
+        if item.done:
+            return IdemBegin("done", item.record)
+        return IdemBegin("inflight")
+
+    async def idem_finish(self, tenant: str, key: str, record: bytes, ttl_ms: int) -> None:
+        item = self._idem.get((tenant, key))
+        if item is None:
+            return
+        item.done, item.record = True, record
+        item.expires_ms = self.clock.now_ms() + ttl_ms
+        await self.store.write(
+            [(_IDEM_UPSERT, (tenant, key, item.fingerprint, record, item.expires_ms))]
+        )
+
+    async def idem_abandon(self, tenant: str, key: str) -> None:
+        item = self._idem.get((tenant, key))
+        if item is not None and not item.done:
+            del self._idem[(tenant, key)]
+
+    # -- cache -------------------------------------------------------------------------
+    async def cache_get(self, key: str) -> bytes | None:
+        return self.cache.get(key, self.clock.now_ms())
+
+    async def cache_put(self, key: str, value: bytes, ttl_ms: int) -> None:
+        self.cache.put(key, value, self.clock.now_ms() + ttl_ms)
+
+    async def flight_begin(self, key: str, lease_ms: int) -> bool:
+        now = self.clock.now_ms()
+        exp = self._flights.get(key)
+        if exp is not None and exp > now:
+            return False
+        self._flights[key] = now + lease_ms
+        return True
+
+    async def flight_end(self, key: str) -> None:
+        self._flights.pop(key, None)

@@ -1,0 +1,288 @@
+"""Durable storage for the embedded backend: the ledger, spend per window period and
+completed idempotency keys, in SQLite (WAL).
+
+One writer thread commits in groups: every write waiting when it wakes goes into one
+transaction, and each caller's future resolves only after that transaction committed.
+So a request is on disk before its response's last byte goes out, at the cost of one
+commit per batch rather than per request. With ``synchronous=NORMAL`` a commit survives
+``kill -9`` of the gateway; ``FULL`` also survives power loss."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .base import LedgerPage, LedgerQuery, LedgerRow, StateUnavailable
+
+log = logging.getLogger("gateway.state")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS ledger (
+    id TEXT PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,
+    tenant TEXT NOT NULL,
+    key_fp TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    requested_model TEXT NOT NULL,
+    model TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    route TEXT NOT NULL,
+    end_user TEXT NOT NULL,
+    stream INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    error_code TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    reasoning_tokens INTEGER NOT NULL,
+    cost INTEGER NOT NULL,
+    reserved INTEGER NOT NULL,
+    overrun INTEGER NOT NULL,
+    cache TEXT NOT NULL,
+    replay INTEGER NOT NULL,
+    usage_source TEXT NOT NULL,
+    attempts TEXT NOT NULL,
+    latency_ms INTEGER NOT NULL,
+    ttft_ms INTEGER,
+    upstream_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts_ms, id);
+CREATE INDEX IF NOT EXISTS ledger_tenant_ts ON ledger (tenant, ts_ms, id);
+CREATE TABLE IF NOT EXISTS spend (
+    tenant TEXT NOT NULL,
+    period TEXT NOT NULL,
+    nanos INTEGER NOT NULL,
+    PRIMARY KEY (tenant, period)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS idempotency (
+    tenant TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    record BLOB NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant, key)
+) WITHOUT ROWID;
+"""
+
+COLUMNS = (
+    "id", "ts_ms", "tenant", "key_fp", "endpoint", "requested_model", "model", "provider",
+    "route", "end_user", "stream", "status", "error_code", "prompt_tokens", "cached_tokens",
+    "completion_tokens", "reasoning_tokens", "cost", "reserved", "overrun", "cache", "replay",
+    "usage_source", "attempts", "latency_ms", "ttft_ms", "upstream_ms",
+)  # fmt: skip
+_INSERT_LEDGER = (
+    f"INSERT OR REPLACE INTO ledger ({', '.join(COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in COLUMNS)})"
+)
+_ADD_SPEND = (
+    "INSERT INTO spend (tenant, period, nanos) VALUES (?, ?, ?) "
+    "ON CONFLICT (tenant, period) DO UPDATE SET nanos = nanos + excluded.nanos"
+)
+
+
+def row_values(r: LedgerRow) -> tuple[Any, ...]:
+    return (
+        r.id, r.ts_ms, r.tenant, r.key_fp, r.endpoint, r.requested_model, r.model, r.provider,
+        r.route, r.end_user, int(r.stream), r.status, r.error_code, r.prompt_tokens,
+        r.cached_tokens, r.completion_tokens, r.reasoning_tokens, r.cost, r.reserved, r.overrun,
+        r.cache, int(r.replay), r.usage_source, orjson.dumps(r.attempts).decode(), r.latency_ms,
+        r.ttft_ms, r.upstream_ms,
+    )  # fmt: skip
+
+
+def row_from(values: Iterable[Any]) -> LedgerRow:
+    d = dict(zip(COLUMNS, values, strict=True))
+    d["stream"] = bool(d["stream"])
+    d["replay"] = bool(d["replay"])
+    d["attempts"] = orjson.loads(d["attempts"])
+    return LedgerRow(**d)
+
+
+@dataclass(slots=True)
+class Write:
+    """One unit of a group commit: SQL statements applied together."""
+
+    statements: list[tuple[str, tuple[Any, ...]]]
+    done: Callable[[BaseException | None], None] | None = None
+
+
+def ledger_write(row: LedgerRow, spend: list[tuple[str, int]]) -> list[tuple[str, tuple[Any, ...]]]:
+    stmts: list[tuple[str, tuple[Any, ...]]] = [(_INSERT_LEDGER, row_values(row))]
+    stmts.extend((_ADD_SPEND, (row.tenant, p, n)) for p, n in spend if n)
+    return stmts
+
+
+class SqliteStore:
+    def __init__(self, path: str, sync: str = "normal") -> None:
+        self.path = path
+        self.sync = sync.upper()
+        self._queue: queue.SimpleQueue[Write | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._read: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
+        self.broken: str | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.sync}")
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    def open(self) -> sqlite3.Connection:
+        """Create the schema; return a connection for the start-up reads."""
+        if self.path == ":memory:":
+            # One shared in-memory database for the writer and the readers.
+            self.path = f"file:gateway-mem-{id(self)}?mode=memory&cache=shared"
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, uri=True, check_same_thread=False
+            )
+        else:
+            conn = self._connect()
+        conn.executescript(SCHEMA)
+        self._read = conn
+        return conn
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._writer, name="ledger-writer", daemon=True)
+        self._thread.start()
+
+    def _writer_conn(self) -> sqlite3.Connection:
+        if self.path.startswith("file:"):
+            return sqlite3.connect(
+                self.path, isolation_level=None, uri=True, check_same_thread=False
+            )
+        return self._connect()
+
+    def _writer(self) -> None:
+        conn = self._writer_conn()
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            error: BaseException | None = None
+            try:
+                conn.execute("BEGIN")
+                for w in batch:
+                    for sql, params in w.statements:
+                        conn.execute(sql, params)
+                conn.execute("COMMIT")
+            except BaseException as exc:  # report to every waiter, never die silently
+                error = exc
+                self.broken = f"{type(exc).__name__}: {exc}"
+                log.error("ledger commit failed: %s", self.broken)
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            else:
+                self.broken = None
+            callbacks = [w.done for w in batch if w.done is not None]
+            if callbacks and self._loop is not None and not self._loop.is_closed():
+                with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+                    self._loop.call_soon_threadsafe(_resolve_all, callbacks, error)
+        conn.close()
+
+    async def write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """Commit ``statements`` (in a group with others); raise StateUnavailable on failure."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def done(err: BaseException | None) -> None:
+            if fut.done():
+                return
+            if err is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(StateUnavailable(f"ledger write failed: {err}"))
+
+        self._queue.put(Write(statements, done))
+        # Shielded: a cancelled caller must not be able to leave a write half-tracked.
+        await asyncio.shield(fut)
+
+    def write_nowait(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        self._queue.put(Write(statements, None))
+
+    async def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            await asyncio.to_thread(self._thread.join, 30)
+            self._thread = None
+        if self._read is not None:
+            self._read.close()
+            self._read = None
+
+    # -- reads (a separate connection; WAL lets them run beside the writer) -------------
+    def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        assert self._read is not None
+        with self._read_lock:
+            return self._read.execute(sql, params).fetchall()
+
+    async def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return await asyncio.to_thread(self._query, sql, params)
+
+    def query_blocking(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return self._query(sql, params)
+
+    async def ledger(self, q: LedgerQuery) -> LedgerPage:
+        where: list[str] = []
+        params: list[Any] = []
+        if q.tenant is not None:
+            where.append("tenant = ?")
+            params.append(q.tenant)
+        if q.model is not None:
+            where.append("model = ?")
+            params.append(q.model)
+        if q.status is not None:
+            where.append("status = ?")
+            params.append(q.status)
+        if q.since_ms is not None:
+            where.append("ts_ms >= ?")
+            params.append(q.since_ms)
+        if q.until_ms is not None:
+            where.append("ts_ms < ?")
+            params.append(q.until_ms)
+        if q.cursor:
+            ts, _, rid = q.cursor.partition(":")
+            where.append("(ts_ms < ? OR (ts_ms = ? AND id < ?))")
+            params.extend([int(ts), int(ts), rid])
+        sql = f"SELECT {', '.join(COLUMNS)} FROM ledger"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY ts_ms DESC, id DESC LIMIT ?"
+        params.append(q.limit + 1)
+        rows = [row_from(r) for r in await self.query(sql, tuple(params))]
+        more = len(rows) > q.limit
+        rows = rows[: q.limit]
+        cursor = f"{rows[-1].ts_ms}:{rows[-1].id}" if more and rows else None
+        return LedgerPage(rows=rows, next_cursor=cursor)
+
+
+def _resolve_all(
+    callbacks: list[Callable[[BaseException | None], None]], err: BaseException | None
+) -> None:
+    for cb in callbacks:
+        cb(err)
