@@ -33,8 +33,19 @@ if TYPE_CHECKING:
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 OVERHEAD_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1,
-)  # fmt: skip
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1,
+)
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
 
@@ -49,110 +60,161 @@ class Metrics:
         # registry keeps several gateways in one test process apart.
         reg = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "gateway_requests", "Requests handled, by outcome.",
-            ["tenant", "model", "provider", "route", "status_class", "cache"], registry=reg,
-        )  # fmt: skip
+            "gateway_requests",
+            "Requests handled, by outcome.",
+            ["tenant", "model", "provider", "route", "status_class", "cache"],
+            registry=reg,
+        )
         self.tokens = Counter(
-            "gateway_tokens", "Tokens billed by upstreams (kind: prompt, cached_prompt, "
+            "gateway_tokens",
+            "Tokens billed by upstreams (kind: prompt, cached_prompt, "
             "completion, reasoning). cached_prompt is part of prompt; reasoning of completion.",
-            ["tenant", "model", "kind"], registry=reg,
-        )  # fmt: skip
+            ["tenant", "model", "kind"],
+            registry=reg,
+        )
         self.cost = Counter(
-            "gateway_cost_usd", "What tenants were charged, in USD.",
-            ["tenant", "model", "provider"], registry=reg,
-        )  # fmt: skip
+            "gateway_cost_usd",
+            "What tenants were charged, in USD.",
+            ["tenant", "model", "provider"],
+            registry=reg,
+        )
         self.cache_hits = Counter(
-            "gateway_cache_hits", "Requests answered from the prompt cache.",
-            ["tenant", "model"], registry=reg,
-        )  # fmt: skip
+            "gateway_cache_hits",
+            "Requests answered from the prompt cache.",
+            ["tenant", "model"],
+            registry=reg,
+        )
         self.cache_saved = Counter(
-            "gateway_cache_saved_usd", "Upstream cost avoided by cache hits, in USD.",
-            ["tenant", "model"], registry=reg,
-        )  # fmt: skip
+            "gateway_cache_saved_usd",
+            "Upstream cost avoided by cache hits, in USD.",
+            ["tenant", "model"],
+            registry=reg,
+        )
         self.budget_rejections = Counter(
-            "gateway_budget_rejections", "Requests rejected because a budget window was full.",
-            ["tenant", "window"], registry=reg,
-        )  # fmt: skip
+            "gateway_budget_rejections",
+            "Requests rejected because a budget window was full.",
+            ["tenant", "window"],
+            registry=reg,
+        )
         self.rate_limit_rejections = Counter(
-            "gateway_rate_limit_rejections", "Requests rejected by a tenant rate limit.",
-            ["tenant", "limit"], registry=reg,
-        )  # fmt: skip
+            "gateway_rate_limit_rejections",
+            "Requests rejected by a tenant rate limit.",
+            ["tenant", "limit"],
+            registry=reg,
+        )
         self.upstream_errors = Counter(
-            "gateway_upstream_errors", "Failed upstream attempts, by error code.",
-            ["provider", "model", "code"], registry=reg,
-        )  # fmt: skip
+            "gateway_upstream_errors",
+            "Failed upstream attempts, by error code.",
+            ["provider", "model", "code"],
+            registry=reg,
+        )
         self.retries = Counter(
-            "gateway_retries", "Upstream attempts retried on the same model.",
-            ["provider", "model"], registry=reg,
-        )  # fmt: skip
+            "gateway_retries",
+            "Upstream attempts retried on the same model.",
+            ["provider", "model"],
+            registry=reg,
+        )
         self.fallbacks = Counter(
-            "gateway_fallbacks", "Requests that fell back to the next model of the chain.",
-            ["tenant", "from_model", "to_model"], registry=reg,
-        )  # fmt: skip
+            "gateway_fallbacks",
+            "Requests that fell back to the next model of the chain.",
+            ["tenant", "from_model", "to_model"],
+            registry=reg,
+        )
         self.replays = Counter(
-            "gateway_idempotent_replays", "Responses replayed for a repeated Idempotency-Key.",
-            ["tenant"], registry=reg,
-        )  # fmt: skip
+            "gateway_idempotent_replays",
+            "Responses replayed for a repeated Idempotency-Key.",
+            ["tenant"],
+            registry=reg,
+        )
         self.reloads = Counter(
-            "gateway_config_reloads", "Policy reload attempts, by result.",
-            ["result"], registry=reg,
-        )  # fmt: skip
+            "gateway_config_reloads",
+            "Policy reload attempts, by result.",
+            ["result"],
+            registry=reg,
+        )
         self.reload_failures = Counter(
-            "gateway_config_reload_failures", "Policy reloads refused (the old policy stays).",
+            "gateway_config_reload_failures",
+            "Policy reloads refused (the old policy stays).",
             registry=reg,
-        )  # fmt: skip
+        )
         self.internal_errors = Counter(
-            "gateway_internal_errors", "Unexpected failures inside the gateway (bugs).",
+            "gateway_internal_errors",
+            "Unexpected failures inside the gateway (bugs).",
             registry=reg,
-        )  # fmt: skip
+        )
         self.ledger_failures = Counter(
-            "gateway_ledger_write_failures", "Ledger rows that could not be written.",
+            "gateway_ledger_write_failures",
+            "Ledger rows that could not be written.",
             registry=reg,
-        )  # fmt: skip
+        )
         self.queue_rejections = Counter(
             "gateway_upstream_queue_rejections",
             "Requests refused because a provider's capacity queue was full or too slow.",
-            ["provider"], registry=reg,
-        )  # fmt: skip
+            ["provider"],
+            registry=reg,
+        )
         self.latency = Histogram(
-            "gateway_request_duration_seconds", "Total time from request to last byte.",
-            ["tenant", "model", "stream"], buckets=LATENCY_BUCKETS, registry=reg,
-        )  # fmt: skip
+            "gateway_request_duration_seconds",
+            "Total time from request to last byte.",
+            ["tenant", "model", "stream"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
         self.upstream_latency = Histogram(
-            "gateway_upstream_duration_seconds", "Time spent waiting on the upstream.",
-            ["provider", "model"], buckets=LATENCY_BUCKETS, registry=reg,
-        )  # fmt: skip
+            "gateway_upstream_duration_seconds",
+            "Time spent waiting on the upstream.",
+            ["provider", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
         self.ttft = Histogram(
-            "gateway_time_to_first_token_seconds", "Upstream time to the first stream chunk.",
-            ["provider", "model"], buckets=LATENCY_BUCKETS, registry=reg,
-        )  # fmt: skip
+            "gateway_time_to_first_token_seconds",
+            "Upstream time to the first stream chunk.",
+            ["provider", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
         self.overhead = Histogram(
             "gateway_overhead_seconds",
             "Gateway time per request: total minus time waiting on the upstream.",
-            ["endpoint"], buckets=OVERHEAD_BUCKETS, registry=reg,
-        )  # fmt: skip
+            ["endpoint"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=reg,
+        )
         self.budget_limit = Gauge(
-            "gateway_budget_limit_usd", "A tenant's budget limit per window, in USD.",
-            ["tenant", "window"], registry=reg, multiprocess_mode="mostrecent",
-        )  # fmt: skip
+            "gateway_budget_limit_usd",
+            "A tenant's budget limit per window, in USD.",
+            ["tenant", "window"],
+            registry=reg,
+            multiprocess_mode="mostrecent",
+        )
         self.budget_spent = Gauge(
-            "gateway_budget_spent_usd", "A tenant's spend in the current window, in USD.",
-            ["tenant", "window"], registry=reg, multiprocess_mode="mostrecent",
-        )  # fmt: skip
+            "gateway_budget_spent_usd",
+            "A tenant's spend in the current window, in USD.",
+            ["tenant", "window"],
+            registry=reg,
+            multiprocess_mode="mostrecent",
+        )
         self.budget_remaining = Gauge(
             "gateway_budget_remaining_usd",
             "What a tenant can still spend in the current window (limit - spent - reserved).",
-            ["tenant", "window"], registry=reg, multiprocess_mode="mostrecent",
-        )  # fmt: skip
+            ["tenant", "window"],
+            registry=reg,
+            multiprocess_mode="mostrecent",
+        )
         self.circuit = Gauge(
-            "gateway_circuit_state", "Circuit breaker per upstream model: 0 closed, "
-            "1 half-open, 2 open.", ["provider", "model"], registry=reg,
+            "gateway_circuit_state",
+            "Circuit breaker per upstream model: 0 closed, 1 half-open, 2 open.",
+            ["provider", "model"],
+            registry=reg,
             multiprocess_mode="max",
-        )  # fmt: skip
+        )
         self.in_flight = Gauge(
-            "gateway_in_flight_requests", "Requests being handled now.", registry=reg,
+            "gateway_in_flight_requests",
+            "Requests being handled now.",
+            registry=reg,
             multiprocess_mode="livesum",
-        )  # fmt: skip
+        )
         self._children: dict[tuple[Any, ...], Any] = {}
 
     # -- exposition ----------------------------------------------------------------------

@@ -73,9 +73,13 @@ def serve(config_path: str, host: str | None, port: int | None, workers: int | N
         prepare_multiprocess_metrics(loaded)
         os.environ[CONFIG_ENV] = str(loaded.path)
         uvicorn.run(
-            "gateway.server:worker_app", factory=True, host=host, port=port, workers=n,
+            "gateway.server:worker_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=n,
             **_uvicorn_options(),  # type: ignore[arg-type]
-        )  # fmt: skip
+        )
         return
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     app = create_app(Runtime(loaded, policy=policy))

@@ -96,14 +96,17 @@ async def list_models(request: Req) -> Response[bytes]:
 
 
 @get("/v1/models/{model_id:path}")
-async def get_model(request: Req, model_id: str) -> Response[bytes]:
+async def get_model(request: Req) -> Response[bytes]:
     rt, tenant = _rt(request), _tenant(request)
-    name = model_id.lstrip("/")
+    name = str(request.path_params["model_id"]).lstrip("/")
     if name not in visible_models(rt.catalog, rt.policy.routes, tenant):
         raise GatewayError(
-            404, f"The model {name!r} does not exist or you do not have access to it.",
-            type="invalid_request_error", code="model_not_found", param="model",
-        )  # fmt: skip
+            404,
+            f"The model {name!r} does not exist or you do not have access to it.",
+            type="invalid_request_error",
+            code="model_not_found",
+            param="model",
+        )
     return _json(_model_entry(rt, name))
 
 
@@ -129,11 +132,17 @@ async def estimate(request: Req) -> Response[bytes]:
         raise bad_request("endpoint must be 'chat' or 'embeddings'.", param="endpoint")
     now = rt.clock.now_ms()
     ctx = RequestContext(
-        runtime=rt, endpoint=endpoint,
+        runtime=rt,
+        endpoint=endpoint,
         upstream_path="/chat/completions" if endpoint == "chat" else "/embeddings",
-        request_id=new_request_id(now), started=time.perf_counter(), started_ms=now,
-        policy=rt.policy, headers=dict(request.scope["headers"]), raw=raw, tenant=tenant,
-    )  # fmt: skip
+        request_id=new_request_id(now),
+        started=time.perf_counter(),
+        started_ms=now,
+        policy=rt.policy,
+        headers=dict(request.scope["headers"]),
+        raw=raw,
+        tenant=tenant,
+    )
     await parse(ctx)
     route(ctx)
     amount, tokens, max_out = worst_case(ctx)
@@ -142,32 +151,34 @@ async def estimate(request: Req) -> Response[bytes]:
     windows = await _windows(rt, tenant)
     blocking = [w.window for w in windows if w.remaining is not None and amount > w.remaining]
     reserved_prompt = reserve_prompt_tokens(ctx.prompt.tokens)
-    return _json({
-        "object": "gateway.estimate",
-        "model": model.name,
-        "provider": model.provider,
-        "route": ctx.route.reason,
-        "fallbacks": [m.name for m in ctx.route.chain[1:]],
-        "prompt_tokens": ctx.prompt.tokens,
-        "prompt_tokens_reserved": reserved_prompt,
-        "max_output_tokens": max_out,
-        "tokens_for_rate_limit": tokens,
-        "reserve_usd": nanos_to_usd(amount),
-        "price_per_million_usd": {
-            "input": nanos_to_usd(model.price.input),
-            "cached_input": nanos_to_usd(model.price.cached_input),
-            "output": nanos_to_usd(model.price.output),
-        },
-        "explanation": (
-            f"{reserved_prompt} prompt tokens (counted {ctx.prompt.tokens}, plus a margin) at "
-            f"${nanos_to_usd(model.price.input)}/1M + {max_out} output tokens at "
-            f"${nanos_to_usd(model.price.output)}/1M, on the most expensive model of the "
-            "fallback chain"
-        ),
-        "fits": not blocking,
-        "blocked_by": blocking,
-        "windows": [window_json(w) for w in windows],
-    })  # fmt: skip
+    return _json(
+        {
+            "object": "gateway.estimate",
+            "model": model.name,
+            "provider": model.provider,
+            "route": ctx.route.reason,
+            "fallbacks": [m.name for m in ctx.route.chain[1:]],
+            "prompt_tokens": ctx.prompt.tokens,
+            "prompt_tokens_reserved": reserved_prompt,
+            "max_output_tokens": max_out,
+            "tokens_for_rate_limit": tokens,
+            "reserve_usd": nanos_to_usd(amount),
+            "price_per_million_usd": {
+                "input": nanos_to_usd(model.price.input),
+                "cached_input": nanos_to_usd(model.price.cached_input),
+                "output": nanos_to_usd(model.price.output),
+            },
+            "explanation": (
+                f"{reserved_prompt} prompt tokens (counted {ctx.prompt.tokens}, plus a margin) at "
+                f"${nanos_to_usd(model.price.input)}/1M + {max_out} output tokens at "
+                f"${nanos_to_usd(model.price.output)}/1M, on the most expensive model of the "
+                "fallback chain"
+            ),
+            "fits": not blocking,
+            "blocked_by": blocking,
+            "windows": [window_json(w) for w in windows],
+        }
+    )
 
 
 # -- admin -----------------------------------------------------------------------------------
@@ -188,9 +199,9 @@ async def admin_tenants(request: Req) -> Response[bytes]:
 
 
 @get("/admin/tenants/{tenant_name:str}/usage")
-async def admin_tenant_usage(request: Req, tenant_name: str) -> Response[bytes]:
+async def admin_tenant_usage(request: Req) -> Response[bytes]:
     rt = _rt(request)
-    return _json(await _usage(rt, _admin_tenant(rt, tenant_name)))
+    return _json(await _usage(rt, _admin_tenant(rt, str(request.path_params["tenant_name"]))))
 
 
 def ledger_row_json(r: LedgerRow) -> dict[str, Any]:
@@ -226,19 +237,26 @@ async def admin_ledger(request: Req) -> Response[bytes]:
     except ValueError:
         raise bad_request("limit and status must be integers.") from None
     q = LedgerQuery(
-        tenant=qp.get("tenant"), model=qp.get("model"), since_ms=_time_param(request, "since"),
-        until_ms=_time_param(request, "until"), status=status, limit=limit, cursor=qp.get("cursor"),
-    )  # fmt: skip
+        tenant=qp.get("tenant"),
+        model=qp.get("model"),
+        since_ms=_time_param(request, "since"),
+        until_ms=_time_param(request, "until"),
+        status=status,
+        limit=limit,
+        cursor=qp.get("cursor"),
+    )
     try:
         page = await rt.state.ledger(q)
     except StateUnavailable as exc:
         raise state_unavailable(str(exc)) from None
-    return _json({
-        "object": "list",
-        "data": [ledger_row_json(r) for r in page.rows],
-        "next_cursor": page.next_cursor,
-        "has_more": page.next_cursor is not None,
-    })  # fmt: skip
+    return _json(
+        {
+            "object": "list",
+            "data": [ledger_row_json(r) for r in page.rows],
+            "next_cursor": page.next_cursor,
+            "has_more": page.next_cursor is not None,
+        }
+    )
 
 
 # -- operations ------------------------------------------------------------------------------
@@ -279,6 +297,14 @@ async def metrics(request: Req) -> Response[bytes]:
 
 
 ROUTES = [
-    list_models, get_model, usage, estimate, admin_tenants, admin_tenant_usage, admin_ledger,
-    healthz, readyz, metrics,
-]  # fmt: skip
+    list_models,
+    get_model,
+    usage,
+    estimate,
+    admin_tenants,
+    admin_tenant_usage,
+    admin_ledger,
+    healthz,
+    readyz,
+    metrics,
+]

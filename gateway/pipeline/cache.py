@@ -150,6 +150,10 @@ def _entry(ctx: RequestContext) -> bytes:
         "cached_tokens": u.cached_tokens,
     }
     return Stored(
-        kind="cache", model=model.name, provider=model.provider,
-        route=ctx.route.reason if ctx.route else "", body=body, usage=usage,
-    ).encode()  # fmt: skip
+        kind="cache",
+        model=model.name,
+        provider=model.provider,
+        route=ctx.route.reason if ctx.route else "",
+        body=body,
+        usage=usage,
+    ).encode()

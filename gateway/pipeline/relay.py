@@ -146,8 +146,6 @@ def _final_usage(ctx: RequestContext, chunk: dict[str, Any] | None) -> dict[str,
 
 async def _abort(ctx: RequestContext, out: Responder, model: Model, exc: UpstreamError) -> None:
     """End a stream that already started: charge what was consumed, then an error event."""
-    if ctx.usage is None:
-        ctx.usage = count_streamed(ctx, model)
     ctx.error = exc
     await settle(ctx)
     await out.send_chunk(data_event(exc.to_bytes()))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from ..errors import state_unavailable
 from ..state.base import LedgerRow, Settlement, StateUnavailable
 from .context import RequestContext
+from .usage import count_streamed
 
 
 def actual_cost(ctx: RequestContext) -> int:
@@ -66,6 +67,8 @@ async def settle(ctx: RequestContext) -> None:
     rt = ctx.runtime
     tenant = ctx.tenant
     assert tenant is not None
+    if ctx.usage is None and ctx.streamed and ctx.model is not None:
+        ctx.usage = count_streamed(ctx, ctx.model)  # a stream cut short: what was consumed
     charge = actual_cost(ctx)
     u = ctx.usage
     used_tokens = (u.prompt_tokens + u.completion_tokens) if u and ctx.hit_charge is None else 0

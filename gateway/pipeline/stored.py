@@ -66,18 +66,28 @@ class Stored:
     def encode(self) -> bytes:
         return orjson.dumps(
             {
-                "k": self.kind, "m": self.model, "p": self.provider, "r": self.route,
-                "s": self.stream, "u": self.usage, "b": self.body.decode("utf-8"),
+                "k": self.kind,
+                "m": self.model,
+                "p": self.provider,
+                "r": self.route,
+                "s": self.stream,
+                "u": self.usage,
+                "b": self.body.decode("utf-8"),
             }
-        )  # fmt: skip
+        )
 
     @classmethod
     def decode(cls, raw: bytes) -> Stored:
         d = orjson.loads(raw)
         return cls(
-            kind=d["k"], model=d["m"], provider=d["p"], route=d["r"], body=d["b"].encode(),
-            stream=d["s"], usage=d["u"],
-        )  # fmt: skip
+            kind=d["k"],
+            model=d["m"],
+            provider=d["p"],
+            route=d["r"],
+            body=d["b"].encode(),
+            stream=d["s"],
+            usage=d["u"],
+        )
 
     async def serve(self, ctx: RequestContext, out: Responder) -> None:
         rt = ctx.runtime
@@ -126,10 +136,14 @@ class Stored:
             if remaining is not None:
                 gw["budget_remaining_usd"] = nanos_to_usd(remaining)
             usage_chunk = {
-                "id": completion.get("id", ""), "object": "chat.completion.chunk",
-                "created": completion.get("created", 0), "model": completion.get("model", ""),
-                "choices": [], "usage": completion.get("usage"), "x_gateway": gw,
-            }  # fmt: skip
+                "id": completion.get("id", ""),
+                "object": "chat.completion.chunk",
+                "created": completion.get("created", 0),
+                "model": completion.get("model", ""),
+                "choices": [],
+                "usage": completion.get("usage"),
+                "x_gateway": gw,
+            }
             await out.send_chunk(data_event(orjson.dumps(usage_chunk)))
         await out.send_chunk(DONE_EVENT)
         await out.end_stream()

@@ -75,11 +75,34 @@ CREATE TABLE IF NOT EXISTS idempotency (
 """
 
 COLUMNS = (
-    "id", "ts_ms", "tenant", "key_fp", "endpoint", "requested_model", "model", "provider",
-    "route", "end_user", "stream", "status", "error_code", "prompt_tokens", "cached_tokens",
-    "completion_tokens", "reasoning_tokens", "cost", "reserved", "overrun", "cache", "replay",
-    "usage_source", "attempts", "latency_ms", "ttft_ms", "upstream_ms",
-)  # fmt: skip
+    "id",
+    "ts_ms",
+    "tenant",
+    "key_fp",
+    "endpoint",
+    "requested_model",
+    "model",
+    "provider",
+    "route",
+    "end_user",
+    "stream",
+    "status",
+    "error_code",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+    "cost",
+    "reserved",
+    "overrun",
+    "cache",
+    "replay",
+    "usage_source",
+    "attempts",
+    "latency_ms",
+    "ttft_ms",
+    "upstream_ms",
+)
 _INSERT_LEDGER = (
     f"INSERT OR REPLACE INTO ledger ({', '.join(COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in COLUMNS)})"
@@ -92,12 +115,34 @@ _ADD_SPEND = (
 
 def row_values(r: LedgerRow) -> tuple[Any, ...]:
     return (
-        r.id, r.ts_ms, r.tenant, r.key_fp, r.endpoint, r.requested_model, r.model, r.provider,
-        r.route, r.end_user, int(r.stream), r.status, r.error_code, r.prompt_tokens,
-        r.cached_tokens, r.completion_tokens, r.reasoning_tokens, r.cost, r.reserved, r.overrun,
-        r.cache, int(r.replay), r.usage_source, orjson.dumps(r.attempts).decode(), r.latency_ms,
-        r.ttft_ms, r.upstream_ms,
-    )  # fmt: skip
+        r.id,
+        r.ts_ms,
+        r.tenant,
+        r.key_fp,
+        r.endpoint,
+        r.requested_model,
+        r.model,
+        r.provider,
+        r.route,
+        r.end_user,
+        int(r.stream),
+        r.status,
+        r.error_code,
+        r.prompt_tokens,
+        r.cached_tokens,
+        r.completion_tokens,
+        r.reasoning_tokens,
+        r.cost,
+        r.reserved,
+        r.overrun,
+        r.cache,
+        int(r.replay),
+        r.usage_source,
+        orjson.dumps(r.attempts).decode(),
+        r.latency_ms,
+        r.ttft_ms,
+        r.upstream_ms,
+    )
 
 
 def row_from(values: Iterable[Any]) -> LedgerRow:
