@@ -12,6 +12,7 @@ process writes its samples to files in one directory (made fresh at start) and
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -21,9 +22,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
-from .money import nanos_to_float_usd
+from .money import NANOS_PER_USD, nanos_to_float_usd
 
 if TYPE_CHECKING:
     from .config.catalog import Model
@@ -49,6 +52,35 @@ OVERHEAD_BUCKETS = (
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
 
+USD_FROM_NANOS = {
+    "gateway_cost_nanodollars": ("gateway_cost_usd", "What tenants were charged, in USD."),
+    "gateway_cache_saved_nanodollars": (
+        "gateway_cache_saved_usd",
+        "Upstream cost avoided by cache hits, in USD.",
+    ),
+}
+
+
+class UsdFromNanos(Collector):
+    """Passes every metric of ``source`` through and adds, for each nano-dollar
+    counter, its USD twin (one exact division per sample at scrape time)."""
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self._source.collect():
+            yield metric
+            twin = USD_FROM_NANOS.get(metric.name)
+            if twin is None:
+                continue
+            usd = Metric(twin[0], twin[1], "counter")
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    usd.add_sample(twin[0] + "_total", sample.labels, sample.value / NANOS_PER_USD)
+            yield usd
+
+
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
@@ -72,9 +104,12 @@ class Metrics:
             ["tenant", "model", "kind"],
             registry=reg,
         )
+        # Money is counted in integer nano-dollars (exact in a float64 up to 2**53) and
+        # exposed in USD by dividing once at scrape time (see UsdFromNanos), so the USD
+        # series equal the ledger to the nano-dollar instead of drifting with float sums.
         self.cost = Counter(
-            "gateway_cost_usd",
-            "What tenants were charged, in USD.",
+            "gateway_cost_nanodollars",
+            "What tenants were charged, in nano-dollars (exact); see gateway_cost_usd_total.",
             ["tenant", "model", "provider"],
             registry=reg,
         )
@@ -85,8 +120,8 @@ class Metrics:
             registry=reg,
         )
         self.cache_saved = Counter(
-            "gateway_cache_saved_usd",
-            "Upstream cost avoided by cache hits, in USD.",
+            "gateway_cache_saved_nanodollars",
+            "Upstream cost avoided by cache hits, in nano-dollars (exact).",
             ["tenant", "model"],
             registry=reg,
         )
@@ -216,14 +251,16 @@ class Metrics:
             multiprocess_mode="livesum",
         )
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._exposed = CollectorRegistry(auto_describe=True)
+        self._exposed.register(UsdFromNanos(self.registry))
 
     # -- exposition ----------------------------------------------------------------------
     def exposition(self) -> bytes:
         if self.multiprocess:
             reg = CollectorRegistry()
-            MultiProcessCollector(reg)  # type: ignore[no-untyped-call]
+            reg.register(UsdFromNanos(MultiProcessCollector(None)))  # type: ignore[no-untyped-call]
             return generate_latest(reg)
-        return generate_latest(self.registry)
+        return generate_latest(self._exposed)
 
     # -- hot path helpers ------------------------------------------------------------------
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -255,11 +292,11 @@ class Metrics:
             if u.reasoning_tokens:
                 self._child(self.tokens, tenant, model, "reasoning").inc(u.reasoning_tokens)
         if ctx.charged:
-            self._child(self.cost, tenant, model, provider).inc(nanos_to_float_usd(ctx.charged))
+            self._child(self.cost, tenant, model, provider).inc(ctx.charged)
         if ctx.cache_status == "hit":
             self._child(self.cache_hits, tenant, model).inc()
             if ctx.saved:
-                self._child(self.cache_saved, tenant, model).inc(nanos_to_float_usd(ctx.saved))
+                self._child(self.cache_saved, tenant, model).inc(ctx.saved)
         if ctx.replayed:
             self._child(self.replays, tenant).inc()
         if err is not None:

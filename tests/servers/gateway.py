@@ -152,13 +152,17 @@ def start_process(
     if workers:
         cmd += ["--workers", str(workers)]
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
-    proc = subprocess.Popen(
-        cmd,
-        env={**os.environ, **(env or {})},
-        stdout=out,
-        stderr=out,
-        start_new_session=True,
-    )
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            env={**os.environ, **(env or {})},
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    finally:
+        if not isinstance(out, int):
+            out.close()  # the child has its own descriptor
     gw = Gateway(f"http://127.0.0.1:{port}", config_path, process=proc)
     deadline = time.monotonic() + 60
     while True:
