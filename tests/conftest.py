@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -56,3 +57,40 @@ def make_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     yield make
     for gw in started:
         gw.stop()
+
+
+def _redis_reachable() -> bool:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+        client.ping()
+        client.close()
+    except redis.RedisError:
+        return False
+    return True
+
+
+@pytest.fixture
+def redis_state() -> Iterator[dict[str, Any]]:
+    """Config for state in Redis under a key prefix of this test's own, deleted after."""
+    import redis
+
+    if not _redis_reachable():
+        pytest.skip(f"Redis is not reachable at {REDIS_URL} (set GATEWAY_TEST_REDIS_URL)")
+    prefix = f"gwtest-{uuid.uuid4().hex[:12]}"
+    yield {"state": REDIS_URL, "redis_key_prefix": prefix}
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def state(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Run the test on each state backend: the same suite for both."""
+    if request.param == "embedded":
+        return {"state": "memory://"}
+    cfg: dict[str, Any] = request.getfixturevalue("redis_state")
+    return cfg

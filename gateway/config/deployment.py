@@ -171,6 +171,9 @@ class GatewayConfig(Strict):
     listen: Listen = Listen()
     workers: int = Field(default=1, ge=1, le=64)
     state: str = "sqlite:///./data/gateway.db"
+    # Prefix of every Redis key (state: redis://): gateways sharing a Redis and a prefix
+    # share budgets; another prefix is another, separate deployment.
+    redis_key_prefix: str = Field(default="gw", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
     admin_keys: list[KeyHash] = Field(default_factory=list)
     policies: str = "../policies"
     requests: RequestLimits = RequestLimits()

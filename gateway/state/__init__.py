@@ -23,9 +23,7 @@ from .base import (
 )
 
 
-def open_state(
-    url: str, cfg: GatewayConfig, clock: Clock = SYSTEM_CLOCK, *, redis_prefix: str = "gw"
-) -> StateBackend:
+def open_state(url: str, cfg: GatewayConfig, clock: Clock = SYSTEM_CLOCK) -> StateBackend:
     if url.startswith("sqlite://"):
         from .embedded import EmbeddedState
 
@@ -43,7 +41,7 @@ def open_state(
         from .redis import RedisState
 
         redis_clock = None if clock is SYSTEM_CLOCK else clock
-        return RedisState(url, clock=redis_clock, prefix=redis_prefix)
+        return RedisState(url, clock=redis_clock, prefix=cfg.redis_key_prefix)
     raise ValueError(f"unsupported state URL {url!r}")
 
 
