@@ -65,6 +65,8 @@ class ProviderConfig(Strict):
     max_connections: int = Field(default=512, ge=1)
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
+    # The most a provider sees at once: this many seconds' worth of rpm/tpm.
+    burst_seconds: PositiveFloat = 1.0
     max_queue_wait: PositiveFloat = 10.0
     max_queue_size: int = Field(default=1000, ge=1)
     # The mock provider's simulated latency, for demos and benchmarks.

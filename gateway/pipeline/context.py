@@ -140,6 +140,10 @@ class RequestContext:
     error: GatewayError | None = None
     response_body: bytes = b""  # non-stream body kept for idempotency and the cache
 
+    def note_attempt(self, model: Model, outcome: str, status: int, t0: float) -> None:
+        ms = int((time.perf_counter() - t0) * 1000)
+        self.attempts.append(Attempt(model.name, model.provider, outcome, status, ms))
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 

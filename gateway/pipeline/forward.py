@@ -22,7 +22,7 @@ import orjson
 from ..config.catalog import Model
 from ..upstream.errors import CircuitOpen, UpstreamBadResponse, UpstreamError, from_status
 from .admit import output_cap
-from .context import Attempt, RequestContext, Responder
+from .context import RequestContext, Responder
 from .headers import JSON, gateway_headers
 from .relay import relay_stream
 from .settle import settle
@@ -74,7 +74,7 @@ async def forward(ctx: RequestContext, out: Responder) -> None:
             wait = breaker.blocked_for()
             if wait > 0:
                 last = CircuitOpen(model.provider, model.name, wait)
-                _note(ctx, model, last, 0.0)
+                ctx.note_attempt(model, last.error_code, last.status, time.perf_counter())
                 break
             ctx.model = model
             t0 = time.perf_counter()
@@ -85,9 +85,9 @@ async def forward(ctx: RequestContext, out: Responder) -> None:
                     else:
                         await _json_once(ctx, out, model, t0)
             except UpstreamError as exc:
-                elapsed = time.perf_counter() - t0
                 last = exc
-                _note(ctx, model, exc, elapsed)
+                if not ctx.first_byte_sent:  # a stream that started noted its own failure
+                    ctx.note_attempt(model, exc.error_code, exc.upstream_status or exc.status, t0)
                 if exc.code not in ("upstream_circuit_open", "upstream_capacity_exhausted"):
                     breaker.record(False)
                 rt.metrics.upstream_error(model, exc)
@@ -105,29 +105,13 @@ async def forward(ctx: RequestContext, out: Responder) -> None:
                 await asyncio.sleep(delay)
                 continue
             breaker.record(True)
-            ctx.attempts.append(
-                Attempt(
-                    model.name, model.provider, "ok", 200, int((time.perf_counter() - t0) * 1000)
-                )
-            )
             return
     assert last is not None
     raise last
 
 
-def _note(ctx: RequestContext, model: Model, exc: UpstreamError, elapsed: float) -> None:
-    ctx.attempts.append(
-        Attempt(
-            model.name,
-            model.provider,
-            exc.error_code,
-            exc.upstream_status or exc.status,
-            int(elapsed * 1000),
-        )
-    )
-
-
 async def _json_once(ctx: RequestContext, out: Responder, model: Model, t0: float) -> None:
+    """One non-stream attempt; on success the answer is settled, then sent."""
     up = ctx.runtime.upstreams[model.provider]
     resp = await up.post_json(ctx.upstream_path, upstream_body(ctx, model), model.name)
     ctx.upstream_seconds += resp.upstream_seconds
@@ -136,6 +120,7 @@ async def _json_once(ctx: RequestContext, out: Responder, model: Model, t0: floa
     ctx.usage = usage_from(raw_usage) or count_json_response(ctx, model, data)
     ctx.usage_raw = raw_usage if isinstance(raw_usage, dict) else None
     ctx.response_body = resp.body
+    ctx.note_attempt(model, "ok", 200, t0)
     if out.disconnected:
         ctx.client_gone = True
         return

@@ -60,7 +60,7 @@ async def relay_stream(
             except UpstreamError as read_error:
                 if not ctx.first_byte_sent:
                     raise
-                await _abort(ctx, out, model, read_error)
+                await _abort(ctx, out, model, read_error, t0)
                 raise
             finally:
                 ctx.upstream_seconds += time.perf_counter() - w0
@@ -87,7 +87,7 @@ async def relay_stream(
                     failure = from_status(model.provider, model.name, 502, payload, None, ())
                     if not ctx.first_byte_sent:
                         raise failure
-                    await _abort(ctx, out, model, failure)
+                    await _abort(ctx, out, model, failure, t0)
                     raise failure
                 if not ctx.first_byte_sent:
                     now = time.perf_counter()
@@ -106,10 +106,11 @@ async def relay_stream(
         cut = UpstreamBadResponse(
             model.provider, model.name, "the stream ended before it was complete"
         )
-        await _abort(ctx, out, model, cut)
+        await _abort(ctx, out, model, cut, t0)
         raise cut
     if ctx.usage is None:  # a server that ignores stream_options
         ctx.usage = count_streamed(ctx, model)
+    ctx.note_attempt(model, "ok", 200, t0)
     await settle(ctx)
     if ctx.include_usage:
         await out.send_chunk(data_event(orjson.dumps(_final_usage(ctx, usage_chunk))))
@@ -144,8 +145,11 @@ def _final_usage(ctx: RequestContext, chunk: dict[str, Any] | None) -> dict[str,
     return chunk
 
 
-async def _abort(ctx: RequestContext, out: Responder, model: Model, exc: UpstreamError) -> None:
+async def _abort(
+    ctx: RequestContext, out: Responder, model: Model, exc: UpstreamError, t0: float
+) -> None:
     """End a stream that already started: charge what was consumed, then an error event."""
+    ctx.note_attempt(model, exc.error_code, exc.upstream_status or exc.status, t0)
     ctx.error = exc
     await settle(ctx)
     await out.send_chunk(data_event(exc.to_bytes()))

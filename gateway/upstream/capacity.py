@@ -42,12 +42,15 @@ class CapacityExhausted(UpstreamError):
 
 
 class Bucket:
+    """Refills at ``per_minute / 60`` per second and holds at most ``burst_seconds`` of
+    refill, so a provider never sees more than that burst at once."""
+
     __slots__ = ("capacity", "level", "rate", "stamp")
 
-    def __init__(self, per_minute: int, now: float) -> None:
-        self.capacity = float(per_minute)
+    def __init__(self, per_minute: int, burst_seconds: float, now: float) -> None:
         self.rate = per_minute / 60.0
-        self.level = float(per_minute)
+        self.capacity = max(1.0, self.rate * burst_seconds)
+        self.level = self.capacity
         self.stamp = now
 
     def refill(self, now: float) -> None:
@@ -73,8 +76,8 @@ class ProviderCapacity:
         self.name = name
         self._clock = clock
         now = clock()
-        self.requests = Bucket(cfg.rpm, now) if cfg.rpm else None
-        self.tokens = Bucket(cfg.tpm, now) if cfg.tpm else None
+        self.requests = Bucket(cfg.rpm, cfg.burst_seconds, now) if cfg.rpm else None
+        self.tokens = Bucket(cfg.tpm, cfg.burst_seconds, now) if cfg.tpm else None
         self.max_wait = cfg.max_queue_wait
         self.max_queue = cfg.max_queue_size
         self._queues: dict[str, deque[Waiter]] = {}
