@@ -98,6 +98,7 @@ class EmbeddedState(StateBackend):
         self._idem: dict[tuple[str, str], _Idem] = {}
         self._flights: dict[str, int] = {}
         self._started = False
+        self._idem_calls = 0
 
     async def start(self) -> None:
         conn = await asyncio.to_thread(self.store.open)
@@ -116,6 +117,9 @@ class EmbeddedState(StateBackend):
         )
         for tenant, key, fp, record, exp in idem:
             self._idem[(tenant, key)] = _Idem(fp, True, bytes(record), exp)
+        await asyncio.to_thread(
+            lambda: conn.execute("DELETE FROM idempotency WHERE expires_ms <= ?", (now,))
+        )
         self.store.start(asyncio.get_running_loop())
         self._started = True
 
@@ -162,6 +166,9 @@ class EmbeddedState(StateBackend):
     # -- idempotency -------------------------------------------------------------------
     async def idem_begin(self, tenant: str, key: str, fingerprint: str, lease_ms: int) -> IdemBegin:
         now = self.clock.now_ms()
+        self._idem_calls += 1
+        if self._idem_calls % 1024 == 0:
+            self._purge_expired(now)
         item = self._idem.get((tenant, key))
         if item is not None and item.expires_ms <= now:
             item = None
@@ -173,6 +180,14 @@ class EmbeddedState(StateBackend):
         if item.done:
             return IdemBegin("done", item.record)
         return IdemBegin("inflight")
+
+    def _purge_expired(self, now: int) -> None:
+        """Forget expired keys, in memory and on disk (a bounded amount of work)."""
+        for ik in [ik for ik, v in self._idem.items() if v.expires_ms <= now]:
+            del self._idem[ik]
+        for fk in [fk for fk, exp in self._flights.items() if exp <= now]:
+            del self._flights[fk]
+        self.store.write_nowait([("DELETE FROM idempotency WHERE expires_ms <= ?", (now,))])
 
     async def idem_finish(self, tenant: str, key: str, record: bytes, ttl_ms: int) -> None:
         item = self._idem.get((tenant, key))
