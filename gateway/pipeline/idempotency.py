@@ -94,4 +94,6 @@ async def finish(ctx: RequestContext) -> None:
         stream=tee.stream,
     )
     ttl_ms = rt.config.gateway.idempotency.ttl_seconds * 1000
-    await rt.state.idem_finish(tenant.name, ctx.idem_key, stored.encode(), ttl_ms)
+    await rt.state.idem_finish(
+        tenant.name, ctx.idem_key, ctx.idem_fingerprint, stored.encode(), ttl_ms
+    )

@@ -146,6 +146,9 @@ class Accounts:
         if a.count_request:
             b.rl_requests += 1
         b.rl_tokens += a.tokens
+        old = b.leases.get(a.reservation_id)
+        if old is not None:  # the same id again replaces its lease (as admit_v1.lua does)
+            b.reserved -= old.amount
         lease = Lease(granted, a.tokens, m, now + a.lease_ms)
         b.leases[a.reservation_id] = lease
         heapq.heappush(b.expiry, (lease.expires_ms, a.reservation_id))

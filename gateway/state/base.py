@@ -217,8 +217,11 @@ class StateBackend(abc.ABC):
         """Claim ``key`` for a request whose body hashes to ``fingerprint``."""
 
     @abc.abstractmethod
-    async def idem_finish(self, tenant: str, key: str, record: bytes, ttl_ms: int) -> None:
-        """Store the completed response for replay."""
+    async def idem_finish(
+        self, tenant: str, key: str, fingerprint: str, record: bytes, ttl_ms: int
+    ) -> None:
+        """Store the completed response for replay (even if the claim's lease lapsed
+        while the request ran)."""
 
     @abc.abstractmethod
     async def idem_abandon(self, tenant: str, key: str) -> None:

@@ -189,12 +189,11 @@ class EmbeddedState(StateBackend):
             del self._flights[fk]
         self.store.write_nowait([("DELETE FROM idempotency WHERE expires_ms <= ?", (now,))])
 
-    async def idem_finish(self, tenant: str, key: str, record: bytes, ttl_ms: int) -> None:
-        item = self._idem.get((tenant, key))
-        if item is None:
-            return
-        item.done, item.record = True, record
-        item.expires_ms = self.clock.now_ms() + ttl_ms
+    async def idem_finish(
+        self, tenant: str, key: str, fingerprint: str, record: bytes, ttl_ms: int
+    ) -> None:
+        expires = self.clock.now_ms() + ttl_ms
+        item = self._idem[(tenant, key)] = _Idem(fingerprint, True, record, expires)
         await self.store.write(
             [(_IDEM_UPSERT, (tenant, key, item.fingerprint, record, item.expires_ms))]
         )

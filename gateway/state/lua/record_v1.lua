@@ -1,0 +1,13 @@
+-- record_v1: append a ledger row for a request that reserved nothing; touches no money.
+-- requires: lib_windows, lib_ledger
+--
+-- KEYS[1] ledger  stream of ledger rows
+-- ARGV[1] now (ms; '0': the Redis clock)   ARGV[2..] the row as field, value, ...
+-- Returns the ledger entry id.
+
+local now = clock_ms(ARGV[1])
+local row = {}
+for i = 2, #ARGV do
+  row[#row + 1] = ARGV[i]
+end
+return ledger_append(KEYS[1], now, row)
