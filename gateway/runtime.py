@@ -15,7 +15,7 @@ from .leases import LeaseKeeper
 from .logs import AccessLog
 from .metrics import Metrics
 from .policy_store import PolicyStore
-from .state import StateBackend, WindowState, open_state
+from .state import StateBackend, StateUnavailable, WindowState, open_state
 from .tokens import TokenCounter
 from .upstream import Upstream, build_upstreams
 from .upstream.breaker import Breakers
@@ -57,12 +57,20 @@ class Runtime:
         self.watch_policies = watch_policies
         self._windows: dict[str, list[WindowState]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._state_retry: asyncio.Task[None] | None = None
         self.ready = False
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         await self.tokens.load(self.config.gateway.tokenizer.load_timeout_seconds)
-        await self.state.start()
+        try:
+            await self._start_state()
+        except StateUnavailable as exc:
+            # Come up not ready (readyz says why; requests get 503) and keep trying:
+            # an orchestrator restarting the gateway in a loop would not fix Redis.
+            log.error("state backend unavailable at start-up (%s); retrying every 2s", exc)
+            self._state_retry = asyncio.get_running_loop().create_task(self._retry_state())
+        self.metrics.catalog(self.catalog.models.values())
         self.leases.start()
         self.access_log.start()
         if self.watch_policies:
@@ -78,8 +86,28 @@ class Runtime:
         )
         self.ready = True
 
+    async def _start_state(self) -> None:
+        await self.state.start()
+        # Downgrade rules need each tenant's budget state before its first request.
+        for tenant in self.policy.tenants.values():
+            if tenant.downgrade is not None:
+                self.note_windows(tenant.name, await self.state.usage(tenant.name, tenant.budgets))
+
+    async def _retry_state(self) -> None:
+        while True:
+            await asyncio.sleep(2)
+            try:
+                await self._start_state()
+            except StateUnavailable as exc:
+                log.warning("state backend still unavailable: %s", exc)
+                continue
+            log.info("state backend %s is reachable now", self.state.name)
+            return
+
     async def stop(self) -> None:
         self.ready = False
+        if self._state_retry is not None:
+            self._state_retry.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=30)
         await self.policies.stop()
