@@ -28,22 +28,27 @@ def directive(**kw: Any) -> dict[str, Any]:
     return {"metadata": {"fake": json.dumps(kw)}}
 
 
+def worst_case(tmp_path: Path, cfg: dict[str, Any]) -> int:
+    """What one request of the test reserves, asked of a gateway's estimate endpoint."""
+    probe = write_config(tmp_path / "probe", cfg, {"p": policy({"t1": tenant("key-1")})})
+    gw = start_process(probe, log=tmp_path / "probe.log")
+    try:
+        with httpx.Client(timeout=30) as http:
+            est = http.post(
+                gw.url + "/v1/gateway/estimate",
+                headers=AUTH,
+                json={"model": "cheap", "messages": MSG, "max_tokens": 100},
+            ).json()
+    finally:
+        gw.stop()
+    return nanos(est["reserve_usd"])
+
+
 async def test_two_processes_share_one_budget_exactly(
     tmp_path: Path, fake: FakeUpstream, redis_state: dict[str, Any]
 ) -> None:
     cfg = gateway_config(fake.base_url, **redis_state)
-    probe = write_config(tmp_path / "probe", cfg, {"p": policy({"t1": tenant("key-1")})})
-    with httpx.Client(timeout=30) as http:
-        gw0 = start_process(probe, log=tmp_path / "probe.log")
-        try:
-            est = http.post(
-                gw0.url + "/v1/gateway/estimate",
-                headers=AUTH,
-                json={"model": "cheap", "messages": MSG, "max_tokens": 100},
-            ).json()
-        finally:
-            gw0.stop()
-    worst = nanos(est["reserve_usd"])
+    worst = worst_case(tmp_path, cfg)
     limit = worst * 20 + worst // 2
     limit_usd = Decimal(limit) / 1_000_000_000
     path = write_config(
