@@ -23,7 +23,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.metrics_core import Metric
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
 from .money import NANOS_PER_USD, nanos_to_float_usd
@@ -50,6 +50,23 @@ OVERHEAD_BUCKETS = (
     1,
 )
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+# The ``code`` label of gateway_upstream_errors_total: the gateway's own upstream error
+# codes; an upstream's own code for a rejected request (any string) counts as
+# ``upstream_rejected``, so the upstream cannot grow the label set.
+UPSTREAM_ERROR_CODES = frozenset(
+    {
+        "upstream_unreachable",
+        "upstream_timeout",
+        "upstream_rate_limited",
+        "upstream_error",
+        "upstream_auth_failed",
+        "upstream_bad_response",
+        "upstream_circuit_open",
+        "upstream_capacity_exhausted",
+    }
+)
+# Attempt outcomes that never reached the upstream.
+NOT_CALLED = frozenset({"upstream_circuit_open", "upstream_capacity_exhausted"})
 
 
 USD_FROM_NANOS = {
@@ -143,6 +160,13 @@ class Metrics:
             ["provider", "model", "code"],
             registry=reg,
         )
+        self.upstream_attempts = Counter(
+            "gateway_upstream_attempts",
+            "Calls made to upstreams (each retry and fallback is one); the denominator of "
+            "the upstream error ratio.",
+            ["provider", "model"],
+            registry=reg,
+        )
         self.retries = Counter(
             "gateway_retries",
             "Upstream attempts retried on the same model.",
@@ -172,6 +196,14 @@ class Metrics:
             "Policy reloads refused (the old policy stays).",
             registry=reg,
         )
+        self.last_reload_ok = Gauge(
+            "gateway_config_last_reload_successful",
+            "1 if the last policy reload succeeded (or none was needed), 0 while a bad "
+            "edit is being refused.",
+            registry=reg,
+            multiprocess_mode="livemin",
+        )
+        self.last_reload_ok.set(1)
         self.internal_errors = Counter(
             "gateway_internal_errors",
             "Unexpected failures inside the gateway (bugs).",
@@ -250,6 +282,13 @@ class Metrics:
             registry=reg,
             multiprocess_mode="livesum",
         )
+        self.model_info = Gauge(
+            "gateway_model_info",
+            "Always 1: each configured model with its provider, tier and kind (for joins).",
+            ["model", "provider", "tier", "kind"],
+            registry=reg,
+            multiprocess_mode="max",
+        )
         self._children: dict[tuple[Any, ...], Any] = {}
         self._exposed = CollectorRegistry(auto_describe=True)
         self._exposed.register(UsdFromNanos(self.registry))
@@ -261,6 +300,12 @@ class Metrics:
             reg.register(UsdFromNanos(MultiProcessCollector(None)))  # type: ignore[no-untyped-call]
             return generate_latest(reg)
         return generate_latest(self._exposed)
+
+    def close(self) -> None:
+        """A worker that stops takes its live gauges (in flight, reload state) along;
+        its counters stay in the sums."""
+        if self.multiprocess:
+            mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
     # -- hot path helpers ------------------------------------------------------------------
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -293,7 +338,7 @@ class Metrics:
                 self._child(self.tokens, tenant, model, "reasoning").inc(u.reasoning_tokens)
         if ctx.charged:
             self._child(self.cost, tenant, model, provider).inc(ctx.charged)
-        if ctx.cache_status == "hit":
+        if ctx.cache_status == "hit" and err is None:  # a hit refused at admission saved nothing
             self._child(self.cache_hits, tenant, model).inc()
             if ctx.saved:
                 self._child(self.cache_saved, tenant, model).inc(ctx.saved)
@@ -310,6 +355,9 @@ class Metrics:
             self._child(self.latency, tenant, model, "true" if ctx.stream else "false").observe(
                 total
             )
+        for a in ctx.attempts:
+            if a.outcome not in NOT_CALLED:
+                self._child(self.upstream_attempts, a.provider, a.model).inc()
         if ctx.upstream_seconds and ctx.model is not None:
             self._child(self.upstream_latency, provider, model).observe(ctx.upstream_seconds)
         self._child(self.overhead, ctx.endpoint).observe(max(total - ctx.upstream_seconds, 0.0))
@@ -318,7 +366,10 @@ class Metrics:
         self._child(self.ttft, model.provider, model.name).observe(seconds)
 
     def upstream_error(self, model: Model, exc: UpstreamError) -> None:
-        self._child(self.upstream_errors, model.provider, model.name, exc.error_code).inc()
+        code = exc.error_code if exc.error_code in UPSTREAM_ERROR_CODES else "upstream_rejected"
+        self._child(self.upstream_errors, model.provider, model.name, code).inc()
+        if code == "upstream_capacity_exhausted":
+            self._child(self.queue_rejections, model.provider).inc()
 
     def retry(self, model: Model) -> None:
         self._child(self.retries, model.provider, model.name).inc()
@@ -334,6 +385,7 @@ class Metrics:
 
     def reload(self, ok: bool) -> None:
         self._child(self.reloads, "success" if ok else "failure").inc()
+        self.last_reload_ok.set(1 if ok else 0)
         if not ok:
             self.reload_failures.inc()
 
@@ -349,3 +401,9 @@ class Metrics:
 
     def circuit_state(self, provider: str, model: str, state: str) -> None:
         self._child(self.circuit, provider, model).set(CIRCUIT_STATES[state])
+
+    def catalog(self, models: Iterable[Model]) -> None:
+        """Export the catalog as ``gateway_model_info`` (dashboards join on ``model`` to
+        split spend by tier)."""
+        for m in models:
+            self.model_info.labels(m.name, m.provider, m.tier, m.kind).set(1)

@@ -116,6 +116,7 @@ class Runtime:
             await up.aclose()
         await self.state.close()
         await self.access_log.stop()
+        self.metrics.close()
 
     def track(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """Run ``coro`` as a task that shutdown waits for (settlements, ledger writes)."""

@@ -78,6 +78,7 @@ async def forward(ctx: RequestContext, out: Responder) -> None:
                 break
             ctx.model = model
             t0 = time.perf_counter()
+            waited = ctx.upstream_seconds
             try:
                 async with rt.capacity.slot(ctx, model, provider):
                     if ctx.stream:
@@ -88,6 +89,9 @@ async def forward(ctx: RequestContext, out: Responder) -> None:
                 last = exc
                 if not ctx.first_byte_sent:  # a stream that started noted its own failure
                     ctx.note_attempt(model, exc.error_code, exc.upstream_status or exc.status, t0)
+                    # A failed attempt (and the backoff after it) is time spent waiting on
+                    # the upstream, not gateway overhead.
+                    ctx.upstream_seconds = waited + (time.perf_counter() - t0)
                 if exc.code not in ("upstream_circuit_open", "upstream_capacity_exhausted"):
                     breaker.record(False)
                 rt.metrics.upstream_error(model, exc)
@@ -103,6 +107,7 @@ async def forward(ctx: RequestContext, out: Responder) -> None:
                     delay = _backoff(attempt, retries.backoff_base, retries.backoff_max)
                 rt.metrics.retry(model)
                 await asyncio.sleep(delay)
+                ctx.upstream_seconds += delay
                 continue
             breaker.record(True)
             return

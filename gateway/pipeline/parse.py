@@ -59,7 +59,12 @@ async def parse(ctx: RequestContext) -> None:
 def _positive_int(body: dict[str, Any], name: str) -> None:
     v = body.get(name)
     if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-        raise bad_request(f"'{name}' must be a positive integer, got {v!r}.", param=name)
+        # Echo numbers only: a string here may be prompt text, and this message is logged.
+        got = repr(v) if isinstance(v, int | float) else _JSON_TYPES.get(type(v), "a value")
+        raise bad_request(f"'{name}' must be a positive integer, got {got}.", param=name)
+
+
+_JSON_TYPES: dict[type, str] = {str: "a string", list: "an array", dict: "an object"}
 
 
 def _chat(ctx: RequestContext, body: dict[str, Any]) -> None:
