@@ -138,3 +138,25 @@ def test_rpm_across_two_gateway_processes(
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_key_can_have_limits_of_its_own(
+    make_gateway: Callable[..., Gateway], fake: FakeUpstream, state: dict[str, Any]
+) -> None:
+    from servers.configs import key_hash
+
+    clock = ManualClock(T0)
+    t1 = tenant("key-1", limits={"rpm": 10})
+    t1["keys"].append({"hash": key_hash("key-batch"), "name": "batch-job", "limits": {"rpm": 2}})
+    gw = make_gateway(gateway_config(fake.base_url, **state), {"p": policy({"t1": t1})},
+                      clock=clock)  # fmt: skip
+    batch = [post(gw, key="key-batch") for _ in range(3)]
+    assert [r.status_code for r in batch] == [200, 200, 429]
+    assert batch[0].headers["x-ratelimit-limit-requests"] == "2"
+    assert "this key is limited to 2 requests per minute" in batch[2].json()["error"]["message"]
+    # the tenant's other key is not held back by the batch key's limit ...
+    main = [post(gw) for _ in range(8)]
+    assert [r.status_code for r in main] == [200] * 8
+    assert main[0].headers["x-ratelimit-limit-requests"] == "10"
+    # ... but both count against the tenant's own limit (2 + 8 = 10)
+    assert post(gw).status_code == 429

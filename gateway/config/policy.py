@@ -59,8 +59,17 @@ class Downgrade(Strict):
     map: dict[str, str]
 
 
+class KeySpec(Strict):
+    """A key with a name (for operators) and, optionally, rate limits of its own that
+    apply on top of the tenant's."""
+
+    hash: KeyHash
+    name: str | None = Field(default=None, max_length=128)
+    limits: Limits = Limits()
+
+
 class TenantPolicy(Strict):
-    keys: list[KeyHash] = Field(min_length=1)
+    keys: list[KeyHash | KeySpec] = Field(min_length=1)
     budgets: Budgets = Budgets()
     # reject: 402 when the worst case does not fit; clamp: lower max_tokens to what fits,
     # as long as at least clamp_min_tokens remain.

@@ -72,6 +72,8 @@ class Policy:
     # sha256 digest of a tenant key (raw 32 bytes) -> tenant
     keys: Mapping[bytes, Tenant]
     routes: Mapping[str, Route]
+    # digest -> the key's own rate limits, for keys that have any
+    key_limits: Mapping[bytes, Limits] = field(default_factory=dict)
     files: tuple[str, ...] = ()
     digest: str = ""
     extra: Mapping[str, object] = field(default_factory=dict)
@@ -86,6 +88,7 @@ def build_policy(files: list[tuple[Path, PolicyFile]], catalog: Catalog) -> Poli
     problems: list[str] = []
     tenants: dict[str, Tenant] = {}
     keys: dict[bytes, Tenant] = {}
+    key_limits: dict[bytes, Limits] = {}
     routes: dict[str, Route] = {}
     key_owner: dict[bytes, str] = {}
     tenant_file: dict[str, Path] = {}
@@ -175,7 +178,8 @@ def build_policy(files: list[tuple[Path, PolicyFile]], catalog: Catalog) -> Poli
                 hit_charge=t.cache.hit_charge,
             )
             tenants[tname] = tenant
-            for i, kh in enumerate(t.keys):
+            for i, entry in enumerate(t.keys):
+                kh = entry if isinstance(entry, str) else entry.hash
                 raw = bytes.fromhex(kh.removeprefix("sha256:"))
                 if raw in key_owner:
                     problems.append(
@@ -188,6 +192,8 @@ def build_policy(files: list[tuple[Path, PolicyFile]], catalog: Catalog) -> Poli
                     continue
                 key_owner[raw] = tname
                 keys[raw] = tenant
+                if not isinstance(entry, str) and entry.limits != Limits():
+                    key_limits[raw] = entry.limits
 
     if problems:
         raise ConfigError(problems)
@@ -195,6 +201,7 @@ def build_policy(files: list[tuple[Path, PolicyFile]], catalog: Catalog) -> Poli
         tenants=tenants,
         keys=keys,
         routes=routes,
+        key_limits=key_limits,
         files=tuple(str(f) for f, _ in files),
         digest=digest.hexdigest()[:12],
     )

@@ -67,13 +67,14 @@ async def admit(
     assert tenant is not None and model is not None
     if amount is None or tokens is None:
         amount, tokens, ctx.max_output = worst_case(ctx)
-    limits = tenant.limits
-    if limits.tpm is not None and tokens > limits.tpm:
-        raise bad_request(
-            f"This request needs up to {tokens} tokens (prompt plus max output), more than your "
-            f"limit of {limits.tpm} tokens per minute. Lower max_tokens or shorten the prompt.",
-            code="tokens_exceed_tpm",
-        )
+    limits, klim = tenant.limits, ctx.key_limits
+    for tpm in (limits.tpm, klim.tpm if klim else None):
+        if tpm is not None and tokens > tpm:
+            raise bad_request(
+                f"This request needs up to {tokens} tokens (prompt plus max output), more than "
+                f"your limit of {tpm} tokens per minute. Lower max_tokens or shorten the prompt.",
+                code="tokens_exceed_tpm",
+            )
     min_amount = None
     if tenant.on_budget_exceeded == "clamp" and ctx.endpoint == "chat" and ctx.clamped_to is None:
         assert ctx.prompt is not None and ctx.route is not None
@@ -91,6 +92,8 @@ async def admit(
         limits=RateLimits(limits.rpm, limits.tpm, limits.concurrent),
         lease_ms=rt.lease_ms,
         min_amount=min_amount,
+        key=ctx.key_fp,
+        key_limits=None if klim is None else RateLimits(klim.rpm, klim.tpm, klim.concurrent),
     )
     try:
         res = await rt.state.admit(admission)
@@ -132,16 +135,21 @@ def _rejection(ctx: RequestContext, res: AdmitResult, amount: int) -> GatewayErr
             f"(${nanos_to_usd(w.remaining or 0)} left). It resets {resets}. "
             "Lower max_tokens, use a cheaper model, or ask your operator to raise the budget."
         )
-    ctx.reject_limit = res.rejected_by
-    limits = ctx.tenant.limits if ctx.tenant else None
+    by = res.rejected_by or "rpm"
+    ctx.reject_limit = by
+    limits = (ctx.key_limits if by.startswith("key_") else None) or (
+        ctx.tenant.limits if ctx.tenant else None
+    )
+    kind = by.removeprefix("key_")
     what = {
         "rpm": f"{limits.rpm if limits else '?'} requests per minute",
         "tpm": f"{limits.tpm if limits else '?'} tokens per minute",
         "concurrent": f"{limits.concurrent if limits else '?'} concurrent requests",
-    }[res.rejected_by or "rpm"]
+    }[kind]
+    who = "this key is" if by.startswith("key_") else f"tenant {ctx.tenant_name!r} is"
     retry = res.retry_after_ms / 1000
     return rate_limited(
-        f"Rate limit reached: your key is limited to {what}. Retry after {retry:.1f}s.",
+        f"Rate limit reached: {who} limited to {what}. Retry after {retry:.1f}s.",
         retry,
         dict(rate_limit_headers(res.rate, as_str=True)),
     )

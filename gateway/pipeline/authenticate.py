@@ -52,4 +52,9 @@ def is_admin(admin_digests: frozenset[bytes], header: bytes | str | None) -> boo
 
 
 def authenticate(ctx: RequestContext) -> None:
-    ctx.tenant, ctx.key_fp = tenant_for(ctx.policy, ctx.headers.get(b"authorization"))
+    digest = key_digest(ctx.headers.get(b"authorization"))
+    tenant = ctx.policy.keys.get(digest)
+    if tenant is None:
+        raise unauthorized(_WRONG)
+    ctx.tenant, ctx.key_fp = tenant, fingerprint(digest)
+    ctx.key_limits = ctx.policy.key_limits.get(digest)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config.catalog import Model
+from ..config.policy import Limits
 from ..config.snapshot import Policy, Tenant
 from ..errors import GatewayError
 from ..state.base import AdmitResult, LedgerRow, WindowState
@@ -90,6 +91,7 @@ class RequestContext:
 
     tenant: Tenant | None = None
     key_fp: str = ""
+    key_limits: Limits | None = None  # the key's own rate limits, if it has any
     requested_model: str = ""
     stream: bool = False
     include_usage: bool = False

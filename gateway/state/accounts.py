@@ -20,6 +20,17 @@ class Lease:
     tokens: int
     minute: int
     expires_ms: int
+    key: str = ""  # the key's fingerprint when the key has limits of its own
+
+
+@dataclass(slots=True)
+class KeyCounts:
+    """A key's own rate-limit minute and requests in flight."""
+
+    minute: int = -1
+    requests: int = 0
+    tokens: int = 0
+    live: int = 0
 
 
 @dataclass(slots=True)
@@ -33,6 +44,7 @@ class Book:
     rl_minute: int = -1
     rl_requests: int = 0
     rl_tokens: int = 0
+    keys: dict[str, KeyCounts] = field(default_factory=dict)
 
 
 def _limits(b: BudgetLimits) -> tuple[tuple[str, int | None], ...]:
@@ -63,6 +75,7 @@ class Accounts:
             if lease is not None and lease.expires_ms == exp:
                 del b.leases[rid]
                 b.reserved -= lease.amount
+                Accounts._key_done(b, lease)
 
     def extend(self, tenant: str, ids: list[str], lease_ms: int, now: int) -> None:
         b = self.book(tenant)
@@ -72,6 +85,14 @@ class Accounts:
             if lease is not None:
                 lease.expires_ms = now + lease_ms
                 heapq.heappush(b.expiry, (lease.expires_ms, rid))
+
+    @staticmethod
+    def _key_done(b: Book, lease: Lease) -> None:
+        kc = b.keys.get(lease.key) if lease.key else None
+        if kc is not None:
+            kc.live -= 1
+            if kc.live <= 0 and kc.minute < b.rl_minute:
+                del b.keys[lease.key]  # nothing in flight, nothing counted this minute
 
     # -- windows -----------------------------------------------------------------------
     def windows(self, b: Book, budgets: BudgetLimits, now: int) -> list[WindowState]:
@@ -92,16 +113,20 @@ class Accounts:
         return self.windows(b, budgets, now)
 
     def _rate(self, b: Book, a: Admission, now: int) -> RateState:
-        reset = (b.rl_minute + 1) * MINUTE_MS - now
-        lim = a.limits
-        return RateState(
-            limit_requests=lim.rpm,
-            remaining_requests=None if lim.rpm is None else max(lim.rpm - b.rl_requests, 0),
-            reset_requests_ms=reset,
-            limit_tokens=lim.tpm,
-            remaining_tokens=None if lim.tpm is None else max(lim.tpm - b.rl_tokens, 0),
-            reset_tokens_ms=reset,
+        return rate_state(
+            a, now, b.rl_minute, b.rl_requests, b.rl_tokens, self._key_counts(b, a, minute(now))
         )
+
+    @staticmethod
+    def _key_counts(b: Book, a: Admission, m: int) -> KeyCounts | None:
+        if not a.key or a.key_limits is None:
+            return None
+        kc = b.keys.get(a.key)
+        if kc is None:
+            kc = b.keys[a.key] = KeyCounts()
+        if kc.minute != m:
+            kc.minute, kc.requests, kc.tokens = m, 0, 0
+        return kc
 
     # -- admit / settle ----------------------------------------------------------------
     def admit(self, a: Admission, now: int) -> AdmitResult:
@@ -131,6 +156,16 @@ class Accounts:
             return reject("tpm", until_next_minute)
         if lim.concurrent is not None and len(b.leases) + 1 > lim.concurrent:
             return reject("concurrent", 1000)
+        kc = self._key_counts(b, a, m)
+        if kc is not None:
+            klim = a.key_limits
+            assert klim is not None
+            if a.count_request and klim.rpm is not None and kc.requests + 1 > klim.rpm:
+                return reject("key_rpm", until_next_minute)
+            if klim.tpm is not None and kc.tokens + a.tokens > klim.tpm:
+                return reject("key_tpm", until_next_minute)
+            if klim.concurrent is not None and kc.live + 1 > klim.concurrent:
+                return reject("key_concurrent", 1000)
 
         granted = a.amount
         for w, limit in _limits(a.budgets):
@@ -149,7 +184,13 @@ class Accounts:
         old = b.leases.get(a.reservation_id)
         if old is not None:  # the same id again replaces its lease (as admit_v1.lua does)
             b.reserved -= old.amount
-        lease = Lease(granted, a.tokens, m, now + a.lease_ms)
+            self._key_done(b, old)
+        if kc is not None:
+            if a.count_request:
+                kc.requests += 1
+            kc.tokens += a.tokens
+            kc.live += 1
+        lease = Lease(granted, a.tokens, m, now + a.lease_ms, a.key if kc is not None else "")
         b.leases[a.reservation_id] = lease
         heapq.heappush(b.expiry, (lease.expires_ms, a.reservation_id))
         b.reserved += granted
@@ -172,8 +213,13 @@ class Accounts:
         if lease is not None:
             b.reserved -= lease.amount
             charged = min(charge, lease.amount)
-            if lease.minute == minute(now) == b.rl_minute:
+            m = minute(now)
+            if lease.minute == m == b.rl_minute:
                 b.rl_tokens = max(b.rl_tokens + tokens_delta, 0)
+            kc = b.keys.get(lease.key) if lease.key else None
+            if kc is not None and lease.minute == m == kc.minute:
+                kc.tokens = max(kc.tokens + tokens_delta, 0)
+            self._key_done(b, lease)
         else:
             # The lease lapsed: charge only what still fits, never overspend.
             charged = charge
@@ -201,3 +247,27 @@ class Accounts:
             keep = set(current)
             for p in [p for p in b.spent if p not in keep]:
                 del b.spent[p]
+
+
+def rate_state(
+    a: Admission, now: int, m: int, requests: int, tokens: int, key: KeyCounts | None
+) -> RateState:
+    """The x-ratelimit-* view: per dimension, the key's own limit if set, else the tenant's.
+    Shared with the Redis backend, so both report alike."""
+    reset = (m + 1) * MINUTE_MS - now
+    lim, klim = a.limits, a.key_limits
+    rpm, req_used = lim.rpm, requests
+    tpm, tok_used = lim.tpm, tokens
+    if key is not None and klim is not None:
+        if klim.rpm is not None:
+            rpm, req_used = klim.rpm, key.requests
+        if klim.tpm is not None:
+            tpm, tok_used = klim.tpm, key.tokens
+    return RateState(
+        limit_requests=rpm,
+        remaining_requests=None if rpm is None else max(rpm - req_used, 0),
+        reset_requests_ms=reset,
+        limit_tokens=tpm,
+        remaining_tokens=None if tpm is None else max(tpm - tok_used, 0),
+        reset_tokens_ms=reset,
+    )

@@ -49,6 +49,9 @@ class Admission:
     # ``min_amount`` (the caller then lowers max_tokens to match). None: all or nothing.
     min_amount: int | None = None
     count_request: bool = True  # False for retried attempts of one request
+    # Limits of the key itself (on top of the tenant's), counted per key fingerprint.
+    key: str = ""
+    key_limits: RateLimits | None = None
 
 
 @dataclass(slots=True)
@@ -68,7 +71,8 @@ class WindowState:
 
 @dataclass(slots=True)
 class RateState:
-    """What OpenAI's ``x-ratelimit-*`` headers report, after this admission."""
+    """What OpenAI's ``x-ratelimit-*`` headers report, after this admission: for each of
+    requests and tokens, the key's own limit if it has one, else the tenant's."""
 
     limit_requests: int | None = None
     remaining_requests: int | None = None
@@ -78,7 +82,7 @@ class RateState:
     reset_tokens_ms: int = 0
 
 
-Rejection = Literal["rpm", "tpm", "concurrent", "budget"]
+Rejection = Literal["rpm", "tpm", "concurrent", "key_rpm", "key_tpm", "key_concurrent", "budget"]
 
 
 @dataclass(slots=True)

@@ -56,6 +56,7 @@ from redis.exceptions import (
 
 from ..clock import Clock
 from ..config.snapshot import BudgetLimits
+from .accounts import KeyCounts, rate_state
 from .base import (
     WINDOWS,
     Admission,
@@ -64,15 +65,13 @@ from .base import (
     LedgerPage,
     LedgerQuery,
     LedgerRow,
-    RateLimits,
-    RateState,
     Settlement,
     SettleResult,
     StateBackend,
     StateUnavailable,
     WindowState,
 )
-from .windows import MINUTE_MS, resets_at
+from .windows import resets_at
 
 log = logging.getLogger("gateway.state")
 
@@ -233,18 +232,6 @@ def _windows(b: BudgetLimits, now: int, spent: Sequence[Any], reserved: int) -> 
         WindowState(w, limit, int(s), reserved, resets_at(w, now))
         for w, limit, s in zip(WINDOWS, limits, spent, strict=True)
     ]
-
-
-def _rate(lim: RateLimits, now: int, minute: int, requests: int, tokens: int) -> RateState:
-    reset = (minute + 1) * MINUTE_MS - now
-    return RateState(
-        limit_requests=lim.rpm,
-        remaining_requests=None if lim.rpm is None else max(lim.rpm - requests, 0),
-        reset_requests_ms=reset,
-        limit_tokens=lim.tpm,
-        remaining_tokens=None if lim.tpm is None else max(lim.tpm - tokens, 0),
-        reset_tokens_ms=reset,
-    )
 
 
 def _text(value: Any) -> str:
@@ -408,7 +395,8 @@ class RedisState(StateBackend):
 
     # -- money and limits ------------------------------------------------------------------
     async def admit(self, a: Admission) -> AdmitResult:
-        lim = a.limits
+        lim, klim = a.limits, a.key_limits
+        key = a.key if klim is not None else ""
         r = await self._script(
             "admit_v1",
             self._money_keys(a.tenant),
@@ -416,6 +404,8 @@ class RedisState(StateBackend):
                 self._now_arg(), a.reservation_id, a.amount, a.tokens, a.lease_ms,
                 _opt(a.min_amount), "1" if a.count_request else "0",
                 _opt(lim.rpm), _opt(lim.tpm), _opt(lim.concurrent), *_budget_args(a.budgets),
+                key, *((_opt(klim.rpm), _opt(klim.tpm), _opt(klim.concurrent)) if klim else
+                       ("", "", "")),
             ],
         )  # fmt: skip
         ok, granted, now = bool(r[0]), int(r[1]), int(r[2])
@@ -424,7 +414,14 @@ class RedisState(StateBackend):
             ok=ok,
             granted=granted,
             windows=_windows(a.budgets, now, r[6:9], int(r[9])),
-            rate=_rate(lim, now, int(r[10]), int(r[11]), int(r[12])),
+            rate=rate_state(
+                a,
+                now,
+                int(r[10]),
+                int(r[11]),
+                int(r[12]),
+                KeyCounts(int(r[10]), int(r[13]), int(r[14])) if key else None,
+            ),
             now_ms=now,
             rejected_by=by or None,  # type: ignore[arg-type]
             window=window or None,
@@ -453,12 +450,11 @@ class RedisState(StateBackend):
 
     async def extend(self, tenant: str, reservation_ids: list[str], lease_ms: int) -> None:
         if reservation_ids:
-            keys = self._money_keys(tenant)[:3]
+            keys = self._money_keys(tenant)
             await self._script("extend_v1", keys, [self._now_arg(), lease_ms, *reservation_ids])
 
     async def usage(self, tenant: str, budgets: BudgetLimits) -> list[WindowState]:
-        keys = self._money_keys(tenant)[:3]
-        r = await self._script("usage_v1", keys, [self._now_arg()])
+        r = await self._script("usage_v1", self._money_keys(tenant), [self._now_arg()])
         return _windows(budgets, int(r[0]), r[1:4], int(r[4]))
 
     # -- the ledger ----------------------------------------------------------------------

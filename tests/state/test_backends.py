@@ -48,6 +48,8 @@ def admission(
     lease_ms: int = LEASE,
     min_amount: int | None = None,
     count_request: bool = True,
+    key: str = "",
+    key_limits: RateLimits | None = None,
 ) -> Admission:
     return Admission(
         tenant=tenant,
@@ -59,6 +61,8 @@ def admission(
         lease_ms=lease_ms,
         min_amount=min_amount,
         count_request=count_request,
+        key=key,
+        key_limits=key_limits,
     )
 
 
@@ -193,6 +197,49 @@ async def test_rejections_come_in_order_rpm_tpm_concurrent_budget(
     # The rejected window's figures are reported for the 402 message.
     w = window(res, "total")
     assert (w.limit, w.spent, w.reserved, w.remaining) == (1_000, 0, 100, 900)
+
+
+async def test_key_limits_apply_on_top_of_the_tenants(
+    backend: StateBackend, clock: ManualClock
+) -> None:
+    tenant_lim = RateLimits(rpm=10, tpm=1_000, concurrent=5)
+    klim = RateLimits(rpm=2, tpm=100, concurrent=1)
+
+    def adm(rid: str, key: str, tokens: int = 10, **kw: object) -> Admission:
+        return admission(
+            rid,
+            1,
+            tokens=tokens,
+            limits=tenant_lim,
+            key=key,
+            key_limits=klim if key else None,
+            **kw,
+        )  # type: ignore[arg-type]
+
+    a1 = await backend.admit(adm("a1", "ka"))
+    assert a1.ok
+    # the key's own limits are reported where it has them
+    assert (a1.rate.limit_requests, a1.rate.remaining_requests) == (2, 1)
+    assert (a1.rate.limit_tokens, a1.rate.remaining_tokens) == (100, 90)
+    assert (await backend.admit(adm("a2", "ka"))).rejected_by == "key_concurrent"
+    assert (await backend.admit(adm("b1", "kb"))).ok, "another key has its own counters"
+    assert (await backend.admit(adm("t1", ""))).ok, "a key without limits: only the tenant's"
+    await backend.settle(Settlement(TENANT, "a1", 0, -5, BudgetLimits(), ledger_row("a1", 0)))
+    assert (await backend.admit(adm("a3", "ka", tokens=96))).rejected_by == "key_tpm"
+    a3 = await backend.admit(adm("a3", "ka", tokens=90))
+    assert a3.ok and a3.rate.remaining_tokens == 5  # 10 - 5 (corrected) + 90
+    await backend.settle(Settlement(TENANT, "a3", 0, 0, BudgetLimits(), ledger_row("a3", 0)))
+    assert (await backend.admit(adm("a4", "ka", tokens=1))).rejected_by == "key_rpm"
+    # a lapsed lease frees the key's concurrency slot too
+    assert (await backend.admit(adm("b2", "kb"))).rejected_by == "key_concurrent"
+    clock.advance(LEASE)
+    assert (await backend.admit(adm("b2", "kb"))).ok
+    clock.advance(MINUTE_MS)  # a new minute: the key's counters start again
+    assert (await backend.admit(adm("a5", "ka"))).ok
+    # the tenant's limits still bind every key
+    busy = RateLimits(rpm=10, tpm=1_000, concurrent=1)  # a5 is in flight
+    res = await backend.admit(admission("k9", 1, limits=busy, key="kc", key_limits=klim))
+    assert res.rejected_by == "concurrent"
 
 
 async def test_rpm_counts_per_minute_and_retries_are_not_counted(

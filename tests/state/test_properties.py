@@ -252,12 +252,16 @@ class LockstepMachine(AsyncMachine):
         clamp=st.booleans(),
         count=st.booleans(),
         lease=st.sampled_from([1_000, LEASE, 10 * MINUTE_MS]),
+        key=st.sampled_from(["", "ka", "kb"]),
     )
-    def admit(self, amount: int, tokens: int, clamp: bool, count: bool, lease: int) -> Any:
+    def admit(
+        self, amount: int, tokens: int, clamp: bool, count: bool, lease: int, key: str
+    ) -> Any:
         self.n += 1
         rid = f"r{self.n}"
         a = Admission(TENANT, rid, amount, tokens, BUDGETS, RateLimits(rpm=5, tpm=4_000,
-                      concurrent=4), lease, amount // 3 if clamp else None, count)  # fmt: skip
+                      concurrent=4), lease, amount // 3 if clamp else None, count, key,
+                      RateLimits(rpm=3, tpm=2_500, concurrent=2) if key else None)  # fmt: skip
         res = self.both(lambda s: s.admit(a))
         event(f"admit: {res.rejected_by or ('clamped' if res.granted < amount else 'ok')}")
         return rid if res.ok else multiple()

@@ -4,8 +4,9 @@
 --
 -- KEYS[1] budget  hash  spend per period id ('d20261126', 'm202611', 't'), 'reserved'
 -- KEYS[2] leases  zset  reservation id -> expiry (ms)
--- KEYS[3] lease   hash  reservation id -> 'amount tokens minute'
--- KEYS[4] rl      hash  'minute', 'requests', 'tokens' of the current rate-limit minute
+-- KEYS[3] lease   hash  reservation id -> 'amount tokens minute[ key]'
+-- KEYS[4] rl      hash  'minute', 'requests', 'tokens' of the current rate-limit minute,
+--                       and per key 'k:<key>' -> 'minute requests tokens', 'c:<key>'
 -- KEYS[5] ledger  stream of ledger rows
 -- ARGV[1] now (ms; '0': the Redis clock)     ARGV[2] reservation id
 -- ARGV[3] charge: the actual cost (nanos)     ARGV[4] actual minus admitted tokens
@@ -22,14 +23,14 @@ local charge = math.max(tonumber(ARGV[3]), 0)
 local tokens_delta = tonumber(ARGV[4])
 local limits = {tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])}
 
-expire_leases(budget, leases, lease, now)
+expire_leases(budget, leases, lease, rl, now)
 local ids = period_ids(now)
 local spent, reserved = budget_state(budget, ids)
 
 local charged
 local held = redis.call('HGET', lease, id)
 if held then
-  local amount, _, lease_minute = lease_parse(held)
+  local amount, _, lease_minute, key = lease_parse(held)
   redis.call('ZREM', leases, id)
   redis.call('HDEL', lease, id)
   reserved = tonumber(redis.call('HINCRBY', budget, 'reserved', int(-amount)))
@@ -41,7 +42,18 @@ if held then
       local used = math.max(tonumber(rl_state[2]) + tokens_delta, 0)
       redis.call('HSET', rl, 'tokens', int(used))
     end
+    if key ~= '' then
+      local s = redis.call('HGET', rl, 'k:' .. key)
+      if s then
+        local km, kr, kt = string.match(s, '^(%S+) (%S+) (%S+)$')
+        if tonumber(km) == m then
+          local kused = math.max(tonumber(kt) + tokens_delta, 0)
+          redis.call('HSET', rl, 'k:' .. key, km .. ' ' .. kr .. ' ' .. int(kused))
+        end
+      end
+    end
   end
+  key_done(rl, key)
 else
   -- The lease lapsed: charge only what still fits, never overspend.
   charged = charge
