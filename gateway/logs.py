@@ -108,7 +108,7 @@ class AccessLog:
             self._buf.append(orjson.dumps(d) + b"\n")
         else:
             self._buf.append(
-                " ".join(f"{k}={v}" for k, v in d.items() if k != "request_body").encode() + b"\n"
+                " ".join(f"{k}={_text_value(v)}" for k, v in d.items()).encode() + b"\n"
             )
         if len(self._buf) > 512:
             self.flush()
@@ -137,3 +137,10 @@ class AccessLog:
         while True:
             await asyncio.sleep(0.1)
             self.flush()
+
+
+def _text_value(v: Any) -> str:
+    """A value for a ``key=value`` line: bare when it is one word, else JSON."""
+    if isinstance(v, str) and v and not any(c.isspace() or c in '"=' for c in v):
+        return v
+    return orjson.dumps(v).decode()

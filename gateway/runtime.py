@@ -54,10 +54,12 @@ class Runtime:
             bytes.fromhex(k.removeprefix("sha256:")) for k in cfg.admin_keys
         )
         self.max_body = cfg.requests.max_body_bytes
+        self.metrics_enabled = cfg.metrics.enabled
         self.watch_policies = watch_policies
         self._windows: dict[str, list[WindowState]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._state_retry: asyncio.Task[None] | None = None
+        self._gauges: asyncio.Task[None] | None = None
         self.ready = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -73,6 +75,8 @@ class Runtime:
         self.metrics.catalog(self.catalog.models.values())
         self.leases.start()
         self.access_log.start()
+        if self.metrics_enabled:
+            self._gauges = asyncio.get_running_loop().create_task(self._refresh_budget_gauges())
         if self.watch_policies:
             self.policies.start()
         policy = self.policies.current
@@ -104,10 +108,26 @@ class Runtime:
             log.info("state backend %s is reachable now", self.state.name)
             return
 
+    async def _refresh_budget_gauges(self, interval: float = 15.0) -> None:
+        """Budget gauges follow window resets and other processes' spend even for tenants
+        that send nothing (a budget alert must clear after midnight)."""
+        while True:
+            await asyncio.sleep(interval)
+            for tenant in list(self.policy.tenants.values()):
+                if not tenant.budgets.any:
+                    continue
+                try:
+                    self.note_windows(
+                        tenant.name, await self.state.usage(tenant.name, tenant.budgets)
+                    )
+                except StateUnavailable:
+                    break  # readyz reports it; try again next round
+
     async def stop(self) -> None:
         self.ready = False
-        if self._state_retry is not None:
-            self._state_retry.cancel()
+        for task in (self._state_retry, self._gauges):
+            if task is not None:
+                task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=30)
         await self.policies.stop()

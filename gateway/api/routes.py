@@ -290,8 +290,11 @@ async def readyz(request: Req) -> Response[bytes]:
 
 @get("/metrics")
 async def metrics(request: Req) -> Response[bytes]:
+    rt = _rt(request)
+    if not rt.config.gateway.metrics.enabled:
+        raise not_found("Metrics are disabled (metrics.enabled: false in gateway.yaml).")
     return Response(
-        content=_rt(request).metrics.exposition(),
+        content=rt.metrics.exposition(),
         media_type="text/plain; version=0.0.4; charset=utf-8",
     )
 

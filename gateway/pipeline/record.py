@@ -21,5 +21,6 @@ async def record(ctx: RequestContext) -> None:
         except StateUnavailable as exc:
             rt.metrics.ledger_failure()
             log.error("ledger row for request %s was not written: %s", ctx.request_id, exc)
-    rt.metrics.observe(ctx)
+    if rt.metrics_enabled:
+        rt.metrics.observe(ctx)
     rt.access_log.write(ctx)
