@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 from fake_upstream import FakeUpstream
-from servers.configs import gateway_config, policy, tenant
+from servers.configs import directive, gateway_config, policy, tenant
 from servers.gateway import Gateway, start_process, write_config
 
 from gateway.cli import main as cli_main
@@ -26,10 +26,6 @@ from gateway.clock import ManualClock
 MSG = [{"role": "user", "content": "Write one line about budgets"}]
 ADMIN = {"Authorization": "Bearer admin-key"}
 AUTH = {"Authorization": "Bearer key-1"}
-
-
-def directive(**kw: Any) -> dict[str, Any]:
-    return {"metadata": {"fake": json.dumps(kw)}}
 
 
 def nanos(usd: str) -> int:
@@ -87,6 +83,50 @@ def test_rejected_before_any_upstream_call(
     assert row["status"] == 402 and row["error_code"] == "budget_exceeded" and row["cost"] == 0
 
 
+def budget_for_20(worst: int) -> tuple[int, str]:
+    """A daily limit that fits about 20 worst cases: (nanos, USD string)."""
+    limit = worst * 20 + worst // 2
+    return limit, str(Decimal(limit) / 1_000_000_000)
+
+
+async def hammer(gateways: list[Gateway], worst: int, limit: int, label: str) -> None:
+    """200 concurrent requests spread over ``gateways`` sharing one budget of ``limit``:
+    not one nano-dollar over, and headers = usage = ledger."""
+    clients = [gw.aclient("key-1", timeout=60) for gw in gateways]
+
+    async def one(i: int) -> tuple[int, int]:
+        try:
+            raw = await clients[i % len(clients)].chat.completions.with_raw_response.create(
+                model="cheap",
+                messages=[{"role": "user", "content": f"line {i}"}],
+                max_tokens=100,
+                extra_body=directive(delay=0.3, tokens=60),
+            )
+        except openai.APIStatusError as exc:
+            return exc.status_code, 0
+        return 200, nanos(raw.headers["x-gateway-cost-usd"])
+
+    t0 = time.monotonic()
+    results = await asyncio.gather(*(one(i) for i in range(200)))
+    elapsed = time.monotonic() - t0
+    for c in clients:
+        await c.close()
+    ok = [c for s, c in results if s == 200]
+    assert {s for s, _ in results} <= {200, 402}
+    spent = nanos(usage(gateways[0])["daily"]["spent_usd"])
+    assert all(nanos(usage(gw)["daily"]["spent_usd"]) == spent for gw in gateways)
+    rows = ledger(gateways[0])
+    print(
+        f"\n{label}: 200 concurrent, budget ${Decimal(limit) / 10**9} "
+        f"(~{limit // worst} worst cases): {len(ok)} served, {200 - len(ok)} rejected (402), "
+        f"spent {spent / limit:.1%} of the limit, {elapsed:.2f}s"
+    )
+    assert spent <= limit, "overspent"
+    assert len(ok) >= 20
+    assert spent == sum(ok) == sum(r["cost"] for r in rows)
+    assert len(rows) == 200
+
+
 async def test_concurrency_never_overspends(
     make_gateway: Callable[..., Gateway], fake: FakeUpstream
 ) -> None:
@@ -102,44 +142,12 @@ async def test_concurrency_never_overspends(
         .json()
     )
     worst = nanos(est["reserve_usd"])
-    limit = worst * 20 + worst // 2
-    limit_usd = Decimal(limit) / 1_000_000_000
+    limit, limit_usd = budget_for_20(worst)
     gw = make_gateway(
         gateway_config(fake.base_url),
-        {"p": policy({"t1": tenant("key-1", budgets={"daily_usd": str(limit_usd)})})},
+        {"p": policy({"t1": tenant("key-1", budgets={"daily_usd": limit_usd})})},
     )
-    client = gw.aclient("key-1", timeout=60)
-
-    async def one(i: int) -> tuple[int, int]:
-        try:
-            raw = await client.chat.completions.with_raw_response.create(
-                model="cheap",
-                messages=[{"role": "user", "content": f"line {i}"}],
-                max_tokens=100,
-                extra_body=directive(delay=0.3, tokens=60),
-            )
-        except openai.APIStatusError as exc:
-            return exc.status_code, 0
-        return 200, nanos(raw.headers["x-gateway-cost-usd"])
-
-    t0 = time.monotonic()
-    results = await asyncio.gather(*(one(i) for i in range(200)))
-    elapsed = time.monotonic() - t0
-    await client.close()
-    ok = [c for s, c in results if s == 200]
-    statuses = {s for s, _ in results}
-    assert statuses <= {200, 402}
-    spent = nanos(usage(gw)["daily"]["spent_usd"])
-    rows = ledger(gw)
-    print(
-        f"\nembedded: 200 concurrent, budget ${limit_usd} (~{limit // worst} worst cases): "
-        f"{len(ok)} served, {len(results) - len(ok)} rejected (402), "
-        f"spent ${Decimal(spent) / 10**9} = {spent / limit:.1%} of the limit, {elapsed:.2f}s"
-    )
-    assert spent <= limit, "overspent"
-    assert len(ok) >= 20
-    assert spent == sum(ok) == sum(r["cost"] for r in rows)
-    assert len(rows) == 200
+    await hammer([gw], worst, limit, "embedded")
 
 
 def test_reconciliation_after_a_mixed_run(

@@ -3,29 +3,21 @@ never fails open when Redis is unreachable."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
 from fake_upstream import FakeUpstream
 from servers.configs import gateway_config, policy, tenant
 from servers.gateway import Gateway, free_port, start_process, write_config
-from test_budgets import ledger, nanos, usage
+from test_budgets import budget_for_20, hammer, nanos
 
 MSG = [{"role": "user", "content": "Write one line about budgets"}]
 AUTH = {"Authorization": "Bearer key-1"}
-
-
-def directive(**kw: Any) -> dict[str, Any]:
-    return {"metadata": {"fake": json.dumps(kw)}}
 
 
 def worst_case(tmp_path: Path, cfg: dict[str, Any]) -> int:
@@ -49,49 +41,16 @@ async def test_two_processes_share_one_budget_exactly(
 ) -> None:
     cfg = gateway_config(fake.base_url, **redis_state)
     worst = worst_case(tmp_path, cfg)
-    limit = worst * 20 + worst // 2
-    limit_usd = Decimal(limit) / 1_000_000_000
+    limit, limit_usd = budget_for_20(worst)
     path = write_config(
         tmp_path / "run",
         cfg,
-        {"p": policy({"t1": tenant("key-1", budgets={"daily_usd": str(limit_usd)})})},
+        {"p": policy({"t1": tenant("key-1", budgets={"daily_usd": limit_usd})})},
     )
     a = start_process(path, log=tmp_path / "a.log")
     b = start_process(path, log=tmp_path / "b.log")
     try:
-        clients = [a.aclient("key-1", timeout=60), b.aclient("key-1", timeout=60)]
-
-        async def one(i: int) -> tuple[int, int]:
-            try:
-                raw = await clients[i % 2].chat.completions.with_raw_response.create(
-                    model="cheap",
-                    messages=[{"role": "user", "content": f"line {i}"}],
-                    max_tokens=100,
-                    extra_body=directive(delay=0.3, tokens=60),
-                )
-            except openai.APIStatusError as exc:
-                return exc.status_code, 0
-            return 200, nanos(raw.headers["x-gateway-cost-usd"])
-
-        t0 = time.monotonic()
-        results = await asyncio.gather(*(one(i) for i in range(200)))
-        elapsed = time.monotonic() - t0
-        for c in clients:
-            await c.close()
-        ok = [c for s, c in results if s == 200]
-        assert {s for s, _ in results} <= {200, 402}
-        spent = nanos(usage(a)["daily"]["spent_usd"])
-        assert spent == nanos(usage(b)["daily"]["spent_usd"])
-        rows = ledger(a)
-        print(
-            f"\nredis, 2 gateway processes: 200 concurrent, budget ${limit_usd} "
-            f"(~{limit // worst} worst cases): {len(ok)} served, {200 - len(ok)} rejected, "
-            f"spent {spent / limit:.1%} of the limit, {elapsed:.2f}s"
-        )
-        assert spent <= limit, "overspent"
-        assert len(ok) >= 20
-        assert spent == sum(ok) == sum(r["cost"] for r in rows)
-        assert len(rows) == 200
+        await hammer([a, b], worst, limit, "redis, 2 gateway processes")
     finally:
         a.stop()
         b.stop()

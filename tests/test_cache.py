@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -11,14 +10,10 @@ import httpx
 import openai
 import pytest
 from fake_upstream import FakeUpstream
-from servers.configs import gateway_config, policy, tenant
+from servers.configs import directive, gateway_config, policy, tenant
 from servers.gateway import Gateway
 
 MSG = [{"role": "user", "content": "Summarise the plot of Hamlet"}]
-
-
-def directive(**kw: Any) -> dict[str, Any]:
-    return {"metadata": {"fake": json.dumps(kw)}}
 
 
 def metric(gw: Gateway, name: str) -> float:

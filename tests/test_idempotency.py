@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -13,14 +12,10 @@ import httpx
 import openai
 import pytest
 from fake_upstream import FakeUpstream
-from servers.configs import gateway_config, policy, tenant
+from servers.configs import directive, gateway_config, policy, tenant
 from servers.gateway import Gateway, start_process, write_config
 
 MSG = [{"role": "user", "content": "Write a product description"}]
-
-
-def directive(**kw: Any) -> dict[str, Any]:
-    return {"metadata": {"fake": json.dumps(kw)}}
 
 
 def ledger(gw: Gateway) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 from fake_upstream import FakeUpstream
-from servers.configs import PROVIDER_KEY, gateway_config, policy, tenant
+from servers.configs import PROVIDER_KEY, directive, gateway_config, policy, tenant
 from servers.gateway import Gateway, free_port
 
 MSG = [{"role": "user", "content": "Say something about the sea"}]
@@ -30,10 +30,6 @@ TOOLS = [
         },
     }
 ]
-
-
-def directive(**kw: Any) -> dict[str, Any]:
-    return {"metadata": {"fake": json.dumps(kw)}}
 
 
 @pytest.fixture

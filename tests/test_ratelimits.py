@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import httpx
 import openai
 from fake_upstream import FakeUpstream
-from servers.configs import gateway_config, policy, tenant
+from servers.configs import directive, gateway_config, policy, tenant
 from servers.gateway import Gateway, start_process, write_config
 
 from gateway.clock import ManualClock
@@ -21,10 +20,6 @@ MSG = [{"role": "user", "content": "hello"}]
 AUTH = {"Authorization": "Bearer key-1"}
 # 2026-03-10 12:00:05 UTC: 55 s before the next minute starts
 T0 = 1_773_144_005_000
-
-
-def directive(**kw: Any) -> dict[str, Any]:
-    return {"metadata": {"fake": json.dumps(kw)}}
 
 
 def post(gw: Gateway, key: str = "key-1", **body: Any) -> httpx.Response:

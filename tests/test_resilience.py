@@ -4,7 +4,6 @@ with faults injected on the fake upstream."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,15 +12,11 @@ import httpx
 import openai
 import pytest
 from fake_upstream import FakeUpstream
-from servers.configs import gateway_config, policy, tenant
+from servers.configs import directive, gateway_config, policy, tenant
 from servers.gateway import Gateway
 
 MSG = [{"role": "user", "content": "Write a short poem"}]
 ADMIN = {"Authorization": "Bearer admin-key"}
-
-
-def directive(**kw: Any) -> dict[str, Any]:
-    return {"metadata": {"fake": json.dumps(kw)}}
 
 
 def config(fake: FakeUpstream, **provider: Any) -> dict[str, Any]:

@@ -88,18 +88,9 @@ class PriceConfig(Strict):
     cached_input: Decimal | None = Field(default=None, ge=0)
     output: Decimal = Field(default=Decimal(0), ge=0)
 
-    @field_validator("input", "cached_input", "output", mode="before")
-    @classmethod
-    def _exact(cls, v: object) -> object:
-        if v is None:
-            return v
-        if isinstance(v, float):
-            v = repr(v)
-        try:
-            usd_to_nanos(v)  # type: ignore[arg-type]
-        except MoneyError as exc:
-            raise ValueError(str(exc)) from exc
-        return v
+    _exact = field_validator("input", "cached_input", "output", mode="before")(
+        lambda cls, v: exact_usd(v)
+    )
 
     def to_price(self) -> Price:
         return Price.from_usd_per_million(
@@ -233,8 +224,17 @@ class GatewayConfig(Strict):
         return self
 
 
-def check_budget_nanos(value: Decimal) -> int:
-    nanos = usd_to_nanos(value)
-    if nanos >= MAX_EXACT_NANOS:
+def exact_usd(v: object, *, budget: bool = False) -> object:
+    """Validate (before parsing) that a USD amount is exact to the nano-dollar; floats
+    from YAML are read through their shortest repr (0.15, not 0.1499999...)."""
+    if v is None:
+        return v
+    if isinstance(v, float):
+        v = repr(v)
+    try:
+        nanos = usd_to_nanos(v)  # type: ignore[arg-type]
+    except MoneyError as exc:
+        raise ValueError(str(exc)) from exc
+    if budget and nanos >= MAX_EXACT_NANOS:
         raise ValueError("budgets above $9,007,199 per window cannot be enforced exactly")
-    return nanos
+    return v

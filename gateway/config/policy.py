@@ -10,8 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..money import MoneyError
-from .deployment import KeyHash, Name, Strict, check_budget_nanos
+from .deployment import KeyHash, Name, Strict, exact_usd
 
 Usd = Annotated[Decimal, Field(ge=0)]
 
@@ -23,18 +22,9 @@ class Budgets(Strict):
     monthly_usd: Usd | None = None
     total_usd: Usd | None = None
 
-    @field_validator("daily_usd", "monthly_usd", "total_usd", mode="before")
-    @classmethod
-    def _exact(cls, v: object) -> object:
-        if v is None:
-            return v
-        if isinstance(v, float):
-            v = repr(v)
-        try:
-            check_budget_nanos(Decimal(str(v)))
-        except (MoneyError, ArithmeticError) as exc:
-            raise ValueError(str(exc)) from exc
-        return v
+    _exact = field_validator("daily_usd", "monthly_usd", "total_usd", mode="before")(
+        lambda cls, v: exact_usd(v, budget=True)
+    )
 
 
 class Limits(Strict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 # Prices (USD per 1M tokens) chosen so costs are easy to check by hand.
@@ -77,3 +78,8 @@ def tenant(key: str, **policy: Any) -> dict[str, Any]:
 
 def policy(tenants: dict[str, Any], routes: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"version": 1, "tenants": tenants, "routes": routes or {}}
+
+
+def directive(**kw: Any) -> dict[str, Any]:
+    """Body fields telling the fake upstream how to behave (see tests/fake_upstream)."""
+    return {"metadata": {"fake": json.dumps(kw)}}
