@@ -6,15 +6,31 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from litestar import Litestar
+from litestar.types import ASGIApp
 
 from .api.auth import auth_middleware
 from .api.errors import EXCEPTION_HANDLERS
-from .api.proxy import proxy_route
+from .api.proxy import ProxyFastPath, proxy_endpoint
 from .api.routes import ROUTES
 from .runtime import Runtime
 
+PROXIED = {
+    "/v1/chat/completions": ("chat", "/chat/completions"),
+    "/v1/embeddings": ("embeddings", "/embeddings"),
+}
 
-def create_app(runtime: Runtime) -> Litestar:
+
+def create_app(runtime: Runtime) -> ASGIApp:
+    """The Litestar app, with the proxied endpoints dispatched in front of it."""
+    litestar = create_litestar(runtime)
+    routes = {
+        path: proxy_endpoint(runtime, path, endpoint, upstream)
+        for path, (endpoint, upstream) in PROXIED.items()
+    }
+    return ProxyFastPath(litestar, routes)
+
+
+def create_litestar(runtime: Runtime) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await runtime.start()
@@ -24,11 +40,7 @@ def create_app(runtime: Runtime) -> Litestar:
             await runtime.stop()
 
     app = Litestar(
-        route_handlers=[
-            proxy_route("/v1/chat/completions", "chat", "/chat/completions"),
-            proxy_route("/v1/embeddings", "embeddings", "/embeddings"),
-            *ROUTES,
-        ],
+        route_handlers=ROUTES,
         middleware=[auth_middleware],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         lifespan=[lifespan],

@@ -293,11 +293,13 @@ class Metrics:
             multiprocess_mode="max",
         )
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._pending_windows: dict[str, list[WindowState]] = {}
         self._exposed = CollectorRegistry(auto_describe=True)
         self._exposed.register(UsdFromNanos(self.registry))
 
     # -- exposition ----------------------------------------------------------------------
     def exposition(self) -> bytes:
+        self.flush_windows()
         if self.multiprocess:
             reg = CollectorRegistry()
             reg.register(UsdFromNanos(MultiProcessCollector(None)))  # type: ignore[no-untyped-call]
@@ -393,6 +395,16 @@ class Metrics:
             self.reload_failures.inc()
 
     def windows(self, tenant: str, windows: list[WindowState]) -> None:
+        """Note a tenant's budget state; the gauges are set at the next flush (each
+        second and before a scrape), not twice per request."""
+        self._pending_windows[tenant] = windows
+
+    def flush_windows(self) -> None:
+        pending, self._pending_windows = self._pending_windows, {}
+        for tenant, windows in pending.items():
+            self._set_windows(tenant, windows)
+
+    def _set_windows(self, tenant: str, windows: list[WindowState]) -> None:
         for w in windows:
             if w.limit is None:
                 continue

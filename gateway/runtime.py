@@ -111,8 +111,15 @@ class Runtime:
     async def _refresh_budget_gauges(self, interval: float = 15.0) -> None:
         """Budget gauges follow window resets and other processes' spend even for tenants
         that send nothing (a budget alert must clear after midnight)."""
+        since = 0.0
         while True:
-            await asyncio.sleep(interval)
+            # Requests note their tenant's state; the gauges take it once a second.
+            await asyncio.sleep(1.0)
+            self.metrics.flush_windows()
+            since += 1.0
+            if since < interval:
+                continue
+            since = 0.0
             for tenant in list(self.policy.tenants.values()):
                 if not tenant.budgets.any:
                     continue
@@ -128,6 +135,7 @@ class Runtime:
         for task in (self._state_retry, self._gauges):
             if task is not None:
                 task.cancel()
+        self.metrics.flush_windows()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=30)
         await self.policies.stop()

@@ -2,8 +2,9 @@
 
 Like TensorZero's ``UNAUTHENTICATED_ROUTES``: a new route is authenticated unless
 someone adds it here on purpose. ``/admin/...`` needs an admin key. The two proxied
-endpoints authenticate as the first stage of the request pipeline instead (they are
-listed below so that is visible here too)."""
+endpoints never reach this middleware: they are dispatched before Litestar
+(:class:`gateway.api.proxy.ProxyFastPath`) and authenticate as the first stage of the
+request pipeline; they are listed below so that is visible here too."""
 
 from __future__ import annotations
 

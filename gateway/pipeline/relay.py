@@ -66,11 +66,14 @@ async def relay_stream(
                 ctx.upstream_seconds += time.perf_counter() - w0
             if not data:
                 break
+            # The events of one read go out in one write: a fast upstream sends many per
+            # read, and each write to the client is a system call.
+            batch: list[bytes] = []
             for ev in splitter.feed(data):
                 payload = event_data(ev)
                 if payload is None:  # a comment such as ": keep-alive"
                     if ctx.first_byte_sent:
-                        await out.send_chunk(ev)
+                        batch.append(ev)
                     continue
                 if payload == DONE:
                     saw_done = True
@@ -87,6 +90,7 @@ async def relay_stream(
                     failure = from_status(model.provider, model.name, 502, payload, None, ())
                     if not ctx.first_byte_sent:
                         raise failure
+                    await _send(out, batch)
                     await _abort(ctx, out, model, failure, t0)
                     raise failure
                 if not ctx.first_byte_sent:
@@ -95,8 +99,9 @@ async def relay_stream(
                     rt.metrics.first_token(model, now - t0)
                     await out.start_stream(200, [SSE, *gateway_headers(ctx, cost=False)])
                     ctx.first_byte_sent = True
-                await out.send_chunk(ev)
+                batch.append(ev)
                 ctx.streamed.append(payload)
+            await _send(out, batch)
     finally:
         await stream.aclose()
 
@@ -112,11 +117,17 @@ async def relay_stream(
         ctx.usage = count_streamed(ctx, model)
     ctx.note_attempt(model, "ok", 200, t0)
     await settle(ctx)
+    tail = DONE_EVENT
     if ctx.include_usage:
-        await out.send_chunk(data_event(orjson.dumps(_final_usage(ctx, usage_chunk))))
-    await out.send_chunk(DONE_EVENT)
+        tail = data_event(orjson.dumps(_final_usage(ctx, usage_chunk))) + tail
+    await out.send_chunk(tail)
     await out.end_stream()
     ctx.completed = True
+
+
+async def _send(out: Responder, events: list[bytes]) -> None:
+    if events:
+        await out.send_chunk(events[0] if len(events) == 1 else b"".join(events))
 
 
 def _final_usage(ctx: RequestContext, chunk: dict[str, Any] | None) -> dict[str, Any]:

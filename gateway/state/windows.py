@@ -6,13 +6,21 @@ that both agree across day, month and year boundaries."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from functools import lru_cache
 
 DAY_MS = 86_400_000
 MINUTE_MS = 60_000
 
 
 def civil(ms: int) -> tuple[int, int, int]:
-    d = datetime.fromtimestamp(ms // 1000, tz=UTC)
+    return _civil_day(ms // DAY_MS)
+
+
+# Periods change once a day: every request asks for them (admit, settle, usage), so
+# the calendar arithmetic is done once per day and window, not several times a request.
+@lru_cache(maxsize=16)
+def _civil_day(day: int) -> tuple[int, int, int]:
+    d = datetime.fromtimestamp(day * (DAY_MS // 1000), tz=UTC)
     return d.year, d.month, d.day
 
 
@@ -20,7 +28,12 @@ def period(window: str, ms: int) -> str:
     """The id of the window period containing ``ms``: ``d20261126``, ``m202611``, ``t``."""
     if window == "total":
         return "t"
-    y, m, d = civil(ms)
+    return _period_day(window, ms // DAY_MS)
+
+
+@lru_cache(maxsize=16)
+def _period_day(window: str, day: int) -> str:
+    y, m, d = _civil_day(day)
     if window == "daily":
         return f"d{y:04d}{m:02d}{d:02d}"
     if window == "monthly":
@@ -34,7 +47,12 @@ def resets_at(window: str, ms: int) -> int | None:
         return None
     if window == "daily":
         return (ms // DAY_MS + 1) * DAY_MS
-    y, m, _ = civil(ms)
+    return _month_end(ms // DAY_MS)
+
+
+@lru_cache(maxsize=16)
+def _month_end(day: int) -> int:
+    y, m, _ = _civil_day(day)
     y, m = (y + 1, 1) if m == 12 else (y, m + 1)
     return int(datetime(y, m, 1, tzinfo=UTC).timestamp()) * 1000
 
