@@ -59,6 +59,10 @@ class ProviderConfig(Strict):
     base_url: str | None = None
     api_key: SecretStr | None = None
     headers: dict[str, str] = Field(default_factory=dict)
+    # TLS: verify the upstream's certificate against the system's CAs, or this CA file
+    # (a private CA for a self-hosted vLLM, say). tls_verify: false is for tests only.
+    tls_ca_file: str | None = None
+    tls_verify: bool = True
     timeouts: Timeouts = Timeouts()
     retries: Retries = Retries()
     breaker: Breaker = Breaker()

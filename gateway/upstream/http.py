@@ -27,6 +27,14 @@ from .errors import (
 IDLE_SECONDS = 50.0  # below the usual server keep-alive limits (60 s and more)
 
 
+def tls_context(cfg: ProviderConfig) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=cfg.tls_ca_file)
+    if not cfg.tls_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
 class HttpUpstream:
     """One provider reached over HTTP(S) at an OpenAI-compatible ``base_url``."""
 
@@ -48,7 +56,7 @@ class HttpUpstream:
         self._pool = rawhttp.Pool(
             u.hostname or "localhost",
             u.port or (443 if tls else 80),
-            ssl.create_default_context() if tls else None,
+            tls_context(cfg) if tls else None,
             cfg.max_connections,
             IDLE_SECONDS,
         )

@@ -39,6 +39,7 @@ class Response:
         "_head",
         "_keep_alive",
         "_size",
+        "_until_close",
         "_waiter",
         "headers",
         "status",
@@ -53,6 +54,9 @@ class Response:
         self._keep_alive = False
         self._error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
+        # A body with neither Content-Length nor chunked encoding ends when the
+        # connection closes (HTTP/1.1, RFC 9112 section 6.3).
+        self._until_close = False
         self.status = 0
         self.headers: dict[str, str] = {}
 
@@ -145,8 +149,12 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.response is not None:
-            self.response._fail(ConnectionClosed(str(exc) if exc else "closed by the upstream"))
+        r = self.response
+        if r is not None:
+            if r._until_close and r._head.done() and exc is None:
+                r._finish(False)
+            else:
+                r._fail(ConnectionClosed(str(exc) if exc else "closed by the upstream"))
         self._pool.lost(self)
 
     def data_received(self, data: bytes) -> None:
@@ -166,6 +174,13 @@ class Connection(asyncio.Protocol):
         r = self.response
         if r is not None:
             r.status = self._parser.get_status_code()
+            h = r.headers
+            r._until_close = (
+                "content-length" not in h
+                and "chunked" not in h.get("transfer-encoding", "").lower()
+                and r.status not in (204, 304)
+                and not 100 <= r.status < 200
+            )
             if not r._head.done():
                 r._head.set_result(None)
 

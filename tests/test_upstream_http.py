@@ -1,0 +1,100 @@
+"""The upstream HTTP client against exact bytes: bodies that end at connection close,
+stale keep-alive connections, TLS with a private CA."""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import trustme
+from servers.configs import gateway_config, policy, tenant
+from servers.gateway import Gateway
+from servers.raw import raw_server
+
+MSG = [{"role": "user", "content": "hi"}]
+COMPLETION = json.dumps({
+    "id": "chatcmpl-raw", "object": "chat.completion", "created": 1, "model": "raw",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "from raw"},
+                 "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+}).encode()  # fmt: skip
+
+
+def with_length(body: bytes = COMPLETION) -> bytes:
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b" % (
+        len(body), body)  # fmt: skip
+
+
+def gateway_for(make: Callable[..., Gateway], base_url: str, **provider: object) -> Gateway:
+    cfg = gateway_config(base_url)
+    cfg["providers"]["fake"].update(provider)
+    return make(cfg, {"p": policy({"t1": tenant("key-1")})})
+
+
+def test_body_that_ends_when_the_connection_closes(make_gateway: Callable[..., Gateway]) -> None:
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n" + COMPLETION
+    with raw_server(lambda req, n: reply, keep_open=False) as port:
+        gw = gateway_for(make_gateway, f"http://127.0.0.1:{port}/v1")
+        resp = gw.client("key-1").chat.completions.create(model="cheap", messages=MSG)
+    assert resp.choices[0].message.content == "from raw"
+
+
+def test_a_stale_keep_alive_connection_is_replaced(make_gateway: Callable[..., Gateway]) -> None:
+    # The server answers one request per connection but does not say so (no
+    # "connection: close"); the second request finds the pooled connection closed.
+    with raw_server(lambda req, n: with_length() if n == 0 else None) as port:
+        gw = gateway_for(make_gateway, f"http://127.0.0.1:{port}/v1")
+        client = gw.client("key-1")
+        for _ in range(3):
+            assert client.chat.completions.create(model="cheap", messages=MSG).choices
+
+
+def test_no_answer_at_all_is_a_clear_502(make_gateway: Callable[..., Gateway]) -> None:
+    with raw_server(lambda req, n: None) as port:
+        gw = gateway_for(make_gateway, f"http://127.0.0.1:{port}/v1")
+        with pytest.raises(openai.APIStatusError) as exc:
+            gw.client("key-1").chat.completions.create(model="cheap", messages=MSG)
+    assert exc.value.status_code == 502
+    assert "closed before the response was complete" in exc.value.message
+
+
+def test_not_http_at_all(make_gateway: Callable[..., Gateway]) -> None:
+    with raw_server(lambda req, n: b"SSH-2.0-OpenSSH_9.2\r\n\r\n", keep_open=False) as port:
+        gw = gateway_for(make_gateway, f"http://127.0.0.1:{port}/v1")
+        with pytest.raises(openai.APIStatusError) as exc:
+            gw.client("key-1").chat.completions.create(model="cheap", messages=MSG)
+    assert exc.value.status_code == 502 and "invalid HTTP response" in exc.value.message
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_server(ca: trustme.CA) -> Iterator[int]:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
+    with raw_server(lambda req, n: with_length(), tls=ctx) as port:
+        yield port
+
+
+def test_tls_with_a_private_ca(
+    make_gateway: Callable[..., Gateway], ca: trustme.CA, tls_server: int, tmp_path: Path
+) -> None:
+    pem = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(pem))
+    url = f"https://localhost:{tls_server}/v1"
+    trusted = gateway_for(make_gateway, url, tls_ca_file=str(pem))
+    resp = trusted.client("key-1").chat.completions.create(model="cheap", messages=MSG)
+    assert resp.choices[0].message.content == "from raw"
+    # the system CAs do not know this certificate: refused, and the reason is given
+    untrusted = gateway_for(make_gateway, url)
+    with pytest.raises(openai.APIStatusError) as exc:
+        untrusted.client("key-1").chat.completions.create(model="cheap", messages=MSG)
+    assert exc.value.status_code == 502
+    assert "certificate" in exc.value.message.lower()
