@@ -68,23 +68,16 @@ async def lookup(ctx: RequestContext) -> Stored | None:
         ctx.cache_status = "bypass"
         return None
     try:
-        raw = await rt.state.cache_get(key)
+        raw, ctx.flight_leader = await rt.state.cache_lookup(key, rt.lease_ms)
         if raw is not None:
             return _hit(ctx, raw)
-        lease_ms = rt.lease_ms
-        if await rt.state.flight_begin(key, lease_ms):
-            ctx.flight_leader = True
-            ctx.cache_status = "miss"
-            return None
         deadline = time.monotonic() + rt.config.gateway.cache.single_flight_wait_seconds
-        while time.monotonic() < deadline:
+        while not ctx.flight_leader and time.monotonic() < deadline:
+            # Someone else computes this answer: wait for it (or take over if they fail).
             await rt.flights.wait(key, 0.1)
-            raw = await rt.state.cache_get(key)
+            raw, ctx.flight_leader = await rt.state.cache_lookup(key, rt.lease_ms)
             if raw is not None:
                 return _hit(ctx, raw)
-            if await rt.state.flight_begin(key, lease_ms):  # the leader gave up
-                ctx.flight_leader = True
-                break
     except StateUnavailable as exc:
         raise state_unavailable(str(exc)) from None
     ctx.cache_status = "miss"
@@ -114,12 +107,16 @@ async def finish(ctx: RequestContext) -> None:
     if key is None:
         return
     rt = ctx.runtime
+    tenant = ctx.tenant
+    assert tenant is not None
     try:
-        if _storable(ctx):
-            await rt.state.cache_put(key, _entry(ctx), ctx.tenant.cache.ttl_seconds * 1000)  # type: ignore[union-attr]
+        value = _entry(ctx) if _storable(ctx) else None
+        if value is not None or ctx.flight_leader:
+            await rt.state.cache_store(
+                key, value, tenant.cache.ttl_seconds * 1000, ctx.flight_leader
+            )
     finally:
         if ctx.flight_leader:
-            await rt.state.flight_end(key)
             rt.flights.notify(key)
 
 

@@ -244,3 +244,20 @@ class StateBackend(abc.ABC):
 
     @abc.abstractmethod
     async def flight_end(self, key: str) -> None: ...
+
+    async def cache_lookup(self, key: str, lease_ms: int) -> tuple[bytes | None, bool]:
+        """The cached value; or None and whether the caller now leads the single flight
+        (a backend may do both in one round trip)."""
+        value = await self.cache_get(key)
+        if value is not None:
+            return value, False
+        return None, await self.flight_begin(key, lease_ms)
+
+    async def cache_store(
+        self, key: str, value: bytes | None, ttl_ms: int, end_flight: bool
+    ) -> None:
+        """Store ``value`` (unless None) and end the caller's single flight (if it led)."""
+        if value is not None:
+            await self.cache_put(key, value, ttl_ms)
+        if end_flight:
+            await self.flight_end(key)

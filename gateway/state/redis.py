@@ -87,6 +87,8 @@ SCRIPTS = (
     "idem_finish_v1",
     "idem_abandon_v1",
     "flight_begin_v1",
+    "cache_lookup_v1",
+    "cache_store_v1",
 )
 DEFAULT_MAX_CONNECTIONS = 100  # per process
 MIN_VERSION = (7, 0)  # XADD with '<ms>-*' ids
@@ -583,6 +585,32 @@ class RedisState(StateBackend):
             "flight_begin_v1", [self._scoped("flight", key)], [self._now_arg(), lease_ms]
         )
         return bool(r)
+
+    async def cache_lookup(self, key: str, lease_ms: int) -> tuple[bytes | None, bool]:
+        r = await self._script(
+            "cache_lookup_v1",
+            [self._scoped("cache", key), self._scoped("flight", key)],
+            [self._now_arg(), lease_ms],
+        )
+        if int(r[0]):
+            return bytes(r[1]), False
+        return None, bool(int(r[1]))
+
+    async def cache_store(
+        self, key: str, value: bytes | None, ttl_ms: int, end_flight: bool
+    ) -> None:
+        if value is None and not end_flight:
+            return
+        await self._script(
+            "cache_store_v1",
+            [self._scoped("cache", key), self._scoped("flight", key)],
+            [
+                self._now_arg(),
+                max(ttl_ms, 0) if value is not None else 0,
+                value if value is not None else b"",
+                "1" if end_flight else "0",
+            ],
+        )
 
     async def flight_end(self, key: str) -> None:
         await self._run("ending a single flight", self._redis.delete(self._scoped("flight", key)))

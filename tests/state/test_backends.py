@@ -676,6 +676,24 @@ async def test_single_flight(backend: StateBackend, clock: ManualClock) -> None:
     await backend.flight_end("never:begun")
 
 
+async def test_cache_lookup_and_store_combine_cache_and_flight(
+    backend: StateBackend, clock: ManualClock
+) -> None:
+    key = f"{TENANT}:{'cd' * 32}"
+    assert await backend.cache_lookup(key, 5_000) == (None, True)  # a miss: lead
+    assert await backend.cache_lookup(key, 5_000) == (None, False)  # someone leads: wait
+    await backend.cache_store(key, b"answer:\x00:\xff", 10_000, end_flight=True)
+    assert await backend.cache_lookup(key, 5_000) == (b"answer:\x00:\xff", False)
+    assert await backend.cache_get(key) == b"answer:\x00:\xff"
+    clock.advance(10_000)  # the entry expired: the next caller leads again
+    assert await backend.cache_lookup(key, 5_000) == (None, True)
+    await backend.cache_store(key, None, 10_000, end_flight=True)  # the leader failed
+    assert await backend.cache_lookup(key, 5_000) == (None, True), "a follower takes over"
+    await backend.cache_store(key, None, 0, end_flight=False)  # nothing to do
+    clock.advance(5_000)  # the new leader's lease lapsed too
+    assert await backend.cache_lookup(key, 5_000) == (None, True)
+
+
 # -- Redis only -------------------------------------------------------------------------
 def _calendar_samples() -> list[int]:
     stamps = [0, 1, DAY_MS - 1, DAY_MS, 951_782_400_000]  # 2000-02-29
