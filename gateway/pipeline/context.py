@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -21,15 +22,21 @@ if TYPE_CHECKING:
 Header = tuple[bytes, bytes]
 
 
+_PROCESS = os.urandom(4).hex()  # new in every process (workers are spawned, not forked)
+_SEQUENCE = itertools.count()
+
+
 def new_request_id(now_ms: int) -> str:
-    """Time-ordered and unique: 12 hex digits of milliseconds, 12 random."""
-    return f"req_{now_ms:012x}{os.urandom(6).hex()}"
+    """Time-ordered and unique: 12 hex digits of milliseconds, 8 random per process, then
+    a per-process sequence number (no system call per request, unlike os.urandom)."""
+    return f"req_{now_ms:012x}{_PROCESS}{next(_SEQUENCE) & 0xFFFFFF:06x}"
 
 
 class Responder(Protocol):
     """Where a response is written: the HTTP connection (or a recorder for replays)."""
 
     disconnected: bool
+    finished: bool  # the response's last byte has been handed to the server
 
     async def send_json(self, status: int, headers: list[Header], body: bytes) -> None: ...
 
@@ -95,6 +102,7 @@ class RequestContext:
     requested_model: str = ""
     stream: bool = False
     include_usage: bool = False
+    requested_max: int | None = None  # max output tokens the client asked for, per choice
     end_user: str = ""
     task: str | None = None
 

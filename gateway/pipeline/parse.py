@@ -87,6 +87,8 @@ def _chat(ctx: RequestContext, body: dict[str, Any]) -> None:
         ctx.include_usage = opts.get("include_usage") is True
     _positive_int(body, "max_tokens")
     _positive_int(body, "max_completion_tokens")
+    asked = [body.get("max_completion_tokens"), body.get("max_tokens")]
+    ctx.requested_max = min((v for v in asked if v is not None), default=None)
     n = body.get("n")
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N):
         raise bad_request(f"'n' must be an integer from 1 to {MAX_N}.", param="n")

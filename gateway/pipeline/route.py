@@ -43,9 +43,7 @@ def count_prompt(ctx: RequestContext, model: Model) -> PromptInfo:
 
 
 def requested_max_output(ctx: RequestContext) -> int | None:
-    b = ctx.body
-    vals = [v for v in (b.get("max_completion_tokens"), b.get("max_tokens")) if isinstance(v, int)]
-    return min(vals) if vals else None
+    return ctx.requested_max
 
 
 def latest_user_text(body: dict[str, Any]) -> str:

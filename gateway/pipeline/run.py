@@ -61,7 +61,12 @@ async def handle(ctx: RequestContext, out: Responder) -> None:
         ctx.error = internal(ctx.request_id)
         ctx.runtime.metrics.internal_error()
         await _send_error(ctx, out, ctx.error)
-    await _shielded(ctx)
+    if out.finished:
+        # The response is out: nothing cancels the request now (the disconnect watcher
+        # stands down once the last byte is sent), so no shield is needed.
+        await finish(ctx)
+    else:
+        await _shielded(ctx)
 
 
 async def _send_error(ctx: RequestContext, out: Responder, exc: GatewayError) -> None:

@@ -30,6 +30,10 @@ class Tee:
     def disconnected(self) -> bool:
         return self.inner.disconnected
 
+    @property
+    def finished(self) -> bool:
+        return self.inner.finished
+
     async def send_json(self, status: int, headers: list[Header], body: bytes) -> None:
         self.status = status
         self.parts = [body]

@@ -233,9 +233,7 @@ class SqliteStore:
             error: BaseException | None = None
             try:
                 conn.execute("BEGIN")
-                for w in batch:
-                    for sql, params in w.statements:
-                        conn.execute(sql, params)
+                _apply(conn, batch)
                 conn.execute("COMMIT")
             except BaseException as exc:  # report to every waiter, never die silently
                 error = exc
@@ -324,6 +322,29 @@ class SqliteStore:
         rows = rows[: q.limit]
         cursor = f"{rows[-1].ts_ms}:{rows[-1].id}" if more and rows else None
         return LedgerPage(rows=rows, next_cursor=cursor)
+
+
+def _apply(conn: sqlite3.Connection, batch: list[Write]) -> None:
+    """A batch's statements, with ledger rows inserted together and the spend added per
+    (tenant, period) once: one commit's worth of work, as little of it as possible."""
+    rows: list[tuple[Any, ...]] = []
+    spend: dict[tuple[str, str], int] = {}
+    other: list[tuple[str, tuple[Any, ...]]] = []
+    for w in batch:
+        for sql, params in w.statements:
+            if sql is _INSERT_LEDGER:
+                rows.append(params)
+            elif sql is _ADD_SPEND:
+                k = (params[0], params[1])
+                spend[k] = spend.get(k, 0) + params[2]
+            else:
+                other.append((sql, params))
+    if rows:
+        conn.executemany(_INSERT_LEDGER, rows)
+    if spend:
+        conn.executemany(_ADD_SPEND, [(t, p, n) for (t, p), n in spend.items()])
+    for sql, params in other:
+        conn.execute(sql, params)
 
 
 def _resolve_all(
