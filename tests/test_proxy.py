@@ -294,3 +294,25 @@ def test_concurrent_clients(gw: Gateway) -> None:
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_client_gone_before_a_non_stream_answer_pays_nothing(
+    gw: Gateway, fake: FakeUpstream
+) -> None:
+    aborted = fake.stats()["aborted"]
+    with pytest.raises(httpx.ReadTimeout), gw.http(timeout=0.8) as http:
+        http.post(
+            "/v1/chat/completions",
+            json={"model": "cheap", "messages": MSG, **directive(delay=3)},
+            headers={"Authorization": "Bearer key-1"},
+        )
+    deadline = time.monotonic() + 5
+    while fake.stats()["aborted"] == aborted and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fake.stats()["aborted"] > aborted, "the upstream call was not cancelled"
+    time.sleep(0.2)
+    ledger = gw.http().get("/admin/ledger", headers={"Authorization": "Bearer admin-key"}).json()
+    row = ledger["data"][0]
+    assert (row["status"], row["error_code"], row["cost"]) == (499, "client_disconnected", 0)
+    usage = gw.http().get("/v1/gateway/usage", headers={"Authorization": "Bearer key-1"}).json()
+    assert usage["windows"][0]["reserved_usd"] == "0.000000000", "the reservation is released"

@@ -24,11 +24,12 @@ _STREAM_HEADERS: list[Header] = [(b"cache-control", b"no-cache"), (b"x-accel-buf
 class AsgiResponder:
     """Writes a response to the ASGI ``send`` channel."""
 
-    __slots__ = ("_send", "disconnected", "finished", "started")
+    __slots__ = ("_send", "disconnected", "finished", "interruptible", "started")
 
     def __init__(self, send: Send) -> None:
         self._send = send
         self.disconnected = False
+        self.interruptible = False
         self.started = False
         self.finished = False
 
@@ -88,18 +89,41 @@ async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def watch_disconnect(
-    receive: Receive, out: AsgiResponder, task: asyncio.Task[Any]
-) -> asyncio.Task[None]:
-    """Cancel ``task`` if the client goes away before the response is complete."""
+# Watching for a disconnect takes a task of its own per request; it starts only once a
+# request has run this long, so the many fast ones never pay for it. A client that left
+# earlier is noticed as soon as watching starts (the server remembers the disconnect).
+WATCH_AFTER_SECONDS = 0.25
 
-    async def watch() -> None:
-        message = await receive()
-        if message["type"] == "http.disconnect" and not out.finished:
-            out.disconnected = True
-            task.cancel()
 
-    return asyncio.get_running_loop().create_task(watch())
+class DisconnectWatch:
+    """Cancels ``task`` if the client goes away before the response is complete, so the
+    upstream call is cancelled too and the request settles what it consumed."""
+
+    __slots__ = ("_out", "_receive", "_task", "_timer", "_watcher")
+
+    def __init__(self, receive: Receive, out: AsgiResponder, task: asyncio.Task[Any]) -> None:
+        self._receive = receive
+        self._out = out
+        self._task = task
+        self._watcher: asyncio.Task[None] | None = None
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(WATCH_AFTER_SECONDS, self._start)
+
+    def _start(self) -> None:
+        if not self._out.finished:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        message = await self._receive()
+        if message["type"] == "http.disconnect" and not self._out.finished:
+            self._out.disconnected = True
+            if self._out.interruptible:  # else the next wait notices (see interruptible)
+                self._task.cancel()
+
+    def stop(self) -> None:
+        self._timer.cancel()
+        if self._watcher is not None and not self._watcher.done():
+            self._watcher.cancel()
 
 
 async def send_error(send: Send, exc: GatewayError, extra: list[Header] | None = None) -> None:

@@ -24,7 +24,7 @@ from ..errors import state_unavailable
 from ..state.base import StateUnavailable
 from .admit import output_cap
 from .assemble import assemble
-from .context import RequestContext
+from .context import RequestContext, interruptible
 from .stored import Stored
 
 EXCLUDED = frozenset({"stream", "stream_options", "user", "metadata", "model"})
@@ -74,7 +74,8 @@ async def lookup(ctx: RequestContext) -> Stored | None:
         deadline = time.monotonic() + rt.config.gateway.cache.single_flight_wait_seconds
         while not ctx.flight_leader and time.monotonic() < deadline:
             # Someone else computes this answer: wait for it (or take over if they fail).
-            await rt.flights.wait(key, 0.1)
+            assert ctx.out is not None
+            await interruptible(ctx.out, rt.flights.wait(key, 0.1))
             raw, ctx.flight_leader = await rt.state.cache_lookup(key, rt.lease_ms)
             if raw is not None:
                 return _hit(ctx, raw)

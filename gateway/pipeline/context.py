@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ..config.catalog import Model
 from ..config.policy import Limits
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from ..runtime import Runtime
 
 Header = tuple[bytes, bytes]
+T = TypeVar("T")
 
 
 _PROCESS = os.urandom(4).hex()  # new in every process (workers are spawned, not forked)
@@ -35,8 +37,11 @@ def new_request_id(now_ms: int) -> str:
 class Responder(Protocol):
     """Where a response is written: the HTTP connection (or a recorder for replays)."""
 
-    disconnected: bool
+    disconnected: bool  # the client went away
     finished: bool  # the response's last byte has been handed to the server
+    # True only while the request merely waits (on the upstream, a queue, a timer): the
+    # one time a client's disconnect cancels it. See ``interruptible``.
+    interruptible: bool
 
     async def send_json(self, status: int, headers: list[Header], body: bytes) -> None: ...
 
@@ -45,6 +50,20 @@ class Responder(Protocol):
     async def send_chunk(self, data: bytes) -> None: ...
 
     async def end_stream(self) -> None: ...
+
+
+async def interruptible(out: Responder, aw: Awaitable[T]) -> T:
+    """Await something that only waits (the upstream, a capacity queue, a back-off): if
+    the client disconnects meanwhile, the request is cancelled, and with it the upstream
+    call. State calls (admit, settle, ...) are never awaited this way, so a disconnect can
+    never cut one in half and leave a reservation or a ledger row unaccounted for."""
+    if out.disconnected:
+        raise asyncio.CancelledError("the client disconnected")
+    out.interruptible = True
+    try:
+        return await aw
+    finally:
+        out.interruptible = False
 
 
 @dataclass(slots=True)
@@ -93,6 +112,7 @@ class RequestContext:
     policy: Policy
     headers: dict[bytes, bytes]
     read_body: Callable[[], Awaitable[bytes]] | None = None
+    out: Responder | None = None  # where the response goes (set by the pipeline)
     raw: bytes = b""
     body: dict[str, Any] = field(default_factory=dict)
 

@@ -22,7 +22,7 @@ import orjson
 from ..config.catalog import Model
 from ..upstream.errors import CircuitOpen, UpstreamBadResponse, UpstreamError, from_status
 from .admit import output_cap
-from .context import RequestContext, Responder
+from .context import RequestContext, Responder, interruptible
 from .headers import JSON, gateway_headers
 from .relay import relay_stream
 from .settle import settle
@@ -80,7 +80,7 @@ async def forward(ctx: RequestContext, out: Responder) -> None:
             t0 = time.perf_counter()
             waited = ctx.upstream_seconds
             try:
-                async with rt.capacity.slot(ctx, model, provider):
+                async with rt.capacity.slot(ctx, model, out):
                     if ctx.stream:
                         await relay_stream(ctx, out, model, upstream_body(ctx, model), t0)
                     else:
@@ -106,7 +106,7 @@ async def forward(ctx: RequestContext, out: Responder) -> None:
                 else:
                     delay = _backoff(attempt, retries.backoff_base, retries.backoff_max)
                 rt.metrics.retry(model)
-                await asyncio.sleep(delay)
+                await interruptible(out, asyncio.sleep(delay))
                 ctx.upstream_seconds += delay
                 continue
             breaker.record(True)
@@ -118,7 +118,9 @@ async def forward(ctx: RequestContext, out: Responder) -> None:
 async def _json_once(ctx: RequestContext, out: Responder, model: Model, t0: float) -> None:
     """One non-stream attempt; on success the answer is settled, then sent."""
     up = ctx.runtime.upstreams[model.provider]
-    resp = await up.post_json(ctx.upstream_path, upstream_body(ctx, model), model.name)
+    resp = await interruptible(
+        out, up.post_json(ctx.upstream_path, upstream_body(ctx, model), model.name)
+    )
     ctx.upstream_seconds += resp.upstream_seconds
     data = _check_json(ctx, model, resp.body)
     raw_usage = data.get("usage")

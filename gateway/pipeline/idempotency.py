@@ -16,7 +16,7 @@ import orjson
 
 from ..errors import bad_request, idempotency_conflict, idempotency_mismatch, state_unavailable
 from ..state.base import StateUnavailable
-from .context import RequestContext, Responder
+from .context import RequestContext, Responder, interruptible
 from .stored import Stored, Tee
 
 MAX_KEY_LENGTH = 255
@@ -63,7 +63,8 @@ async def begin(ctx: RequestContext) -> Stored | None:
                 f"A request with Idempotency-Key {key!r} is still in progress. Retry once it "
                 "has completed to get its response."
             )
-        await asyncio.sleep(delay)
+        assert ctx.out is not None
+        await interruptible(ctx.out, asyncio.sleep(delay))
         delay = min(delay * 2, 0.25)
 
 

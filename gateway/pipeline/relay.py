@@ -18,7 +18,7 @@ from ..config.catalog import Model
 from ..money import nanos_to_usd
 from ..sse import DONE, DONE_EVENT, EventSplitter, data_event, event_data
 from ..upstream.errors import UpstreamBadResponse, UpstreamError, from_status
-from .context import RequestContext, Responder
+from .context import RequestContext, Responder, interruptible
 from .headers import SSE, gateway_headers, min_remaining
 from .settle import settle
 from .usage import count_streamed, usage_from
@@ -47,7 +47,7 @@ async def relay_stream(
 ) -> None:
     rt = ctx.runtime
     up = rt.upstreams[model.provider]
-    stream = await up.open_stream(ctx.upstream_path, body, model.name)
+    stream = await interruptible(out, up.open_stream(ctx.upstream_path, body, model.name))
     ctx.upstream_seconds += time.perf_counter() - t0
     splitter = EventSplitter()
     usage_chunk: dict[str, Any] | None = None
@@ -56,7 +56,7 @@ async def relay_stream(
         while True:
             w0 = time.perf_counter()
             try:
-                data = await stream.read()
+                data = await interruptible(out, stream.read())
             except UpstreamError as read_error:
                 if not ctx.first_byte_sent:
                     raise

@@ -47,6 +47,7 @@ async def _stages(ctx: RequestContext, out: Responder) -> None:
 
 async def handle(ctx: RequestContext, out: Responder) -> None:
     """Run one request to the end; never raises except to propagate cancellation."""
+    ctx.out = out
     try:
         await _stages(ctx, out)
     except GatewayError as exc:

@@ -34,6 +34,14 @@ class Tee:
     def finished(self) -> bool:
         return self.inner.finished
 
+    @property
+    def interruptible(self) -> bool:
+        return self.inner.interruptible
+
+    @interruptible.setter
+    def interruptible(self, value: bool) -> None:
+        self.inner.interruptible = value
+
     async def send_json(self, status: int, headers: list[Header], body: bytes) -> None:
         self.status = status
         self.parts = [body]

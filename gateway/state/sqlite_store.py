@@ -263,8 +263,9 @@ class SqliteStore:
                 fut.set_exception(StateUnavailable(f"ledger write failed: {err}"))
 
         self._queue.put(Write(statements, done))
-        # Shielded: a cancelled caller must not be able to leave a write half-tracked.
-        await asyncio.shield(fut)
+        # A caller cancelled meanwhile still has its write committed; done() then finds
+        # the future cancelled and leaves it be.
+        await fut
 
     def write_nowait(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
         self._queue.put(Write(statements, None))

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from ..config.deployment import ProviderConfig
+from ..pipeline.context import Responder, interruptible
 from .errors import UpstreamError
 
 if TYPE_CHECKING:
@@ -172,16 +173,21 @@ class ProviderCapacity:
 
 
 class _Slot:
-    __slots__ = ("_cap", "_ctx", "_model", "_tokens")
+    __slots__ = ("_cap", "_ctx", "_model", "_out", "_tokens")
 
-    def __init__(self, cap: ProviderCapacity, ctx: RequestContext, model: Model) -> None:
+    def __init__(
+        self, cap: ProviderCapacity, ctx: RequestContext, model: Model, out: Responder
+    ) -> None:
         self._cap = cap
         self._ctx = ctx
         self._model = model
+        self._out = out
         self._tokens = ctx.admitted_tokens
 
     async def __aenter__(self) -> None:
-        await self._cap.acquire(self._ctx.tenant_name, self._tokens, self._model.name)
+        await interruptible(
+            self._out, self._cap.acquire(self._ctx.tenant_name, self._tokens, self._model.name)
+        )
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -214,9 +220,10 @@ class Capacity:
             if cfg.rpm is not None or cfg.tpm is not None
         }
 
-    def slot(self, ctx: RequestContext, model: Model, provider: ProviderConfig) -> _Slot | _NoLimit:
+    def slot(self, ctx: RequestContext, model: Model, out: Responder) -> _Slot | _NoLimit:
+        """Wait for capacity (interruptibly: a client that leaves stops waiting)."""
         cap = self._by_provider.get(model.provider)
-        return _NO_LIMIT if cap is None else _Slot(cap, ctx, model)
+        return _NO_LIMIT if cap is None else _Slot(cap, ctx, model, out)
 
     def get(self, provider: str) -> ProviderCapacity | None:
         return self._by_provider.get(provider)
