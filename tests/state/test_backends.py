@@ -818,6 +818,14 @@ async def test_admit_and_settle_are_one_round_trip_each(
         return await execute(*args, **kwargs)
 
     monkeypatch.setattr(client, "execute_command", counting)
+    fast = redis_backend._fast  # the pipelining client the scripts go through
+    call = fast.call
+
+    async def counting_fast(*args: object) -> object:
+        commands.append(str(args[0]))
+        return await call(*args)
+
+    monkeypatch.setattr(fast, "call", counting_fast)
     b = BudgetLimits(daily=10_000)
     for i in range(3):
         await redis_backend.admit(admission(f"r{i}", 10, budgets=b))

@@ -1,0 +1,124 @@
+"""The pipelining Redis client against a private redis-server on a free port."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+from redis.asyncio import BlockingConnectionPool
+from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from servers.gateway import free_port
+
+from gateway.state.resp import RespClient
+
+
+class PrivateRedis:
+    def __init__(self, password: str | None = None) -> None:
+        self.port = free_port()
+        self.password = password
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "no"]  # fmt: skip
+        if self.password:
+            cmd += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
+        deadline = time.monotonic() + 10
+        while (
+            subprocess.run(
+                ["redis-cli", "-p", str(self.port), *auth, "ping"], capture_output=True, check=False
+            ).stdout.strip()
+            != b"PONG"
+        ):
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)  # fmt: skip
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def client(self, db: int = 0, timeout: float = 5.0) -> RespClient:
+        auth = f":{self.password}@" if self.password else ""
+        pool = BlockingConnectionPool.from_url(f"redis://{auth}127.0.0.1:{self.port}/{db}")
+        return RespClient(dict(pool.connection_kwargs), size=2, timeout=timeout)
+
+
+@pytest.fixture
+def server() -> Iterator[PrivateRedis]:
+    s = PrivateRedis()
+    s.start()
+    yield s
+    s.stop()
+
+
+async def test_pipelined_replies_reach_their_callers(server: PrivateRedis) -> None:
+    client = server.client()
+    replies = await asyncio.gather(*(client.call("ECHO", f"m{i}") for i in range(500)))
+    assert replies == [f"m{i}".encode() for i in range(500)]
+    assert await client.call("SET", "k", b"\x00\xff") == b"OK"
+    assert await client.call("GET", "k") == b"\x00\xff"
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await client.call("LPUSH", "k", "x")
+    assert await client.call("PING") == b"PONG"  # an error reply does not desync
+    client.close()
+
+
+async def test_unknown_script_is_sent_again(server: PrivateRedis) -> None:
+    client = server.client()
+    script = "return ARGV[1] .. KEYS[1]"
+    sha = hashlib.sha1(script.encode()).hexdigest()
+    assert await client.evalsha(sha, script, ["k"], ["v"]) == b"vk"  # NOSCRIPT, then EVAL
+    assert await client.call("EVALSHA", sha, 1, "k", "w") == b"wk"  # now it is known
+    client.close()
+
+
+async def test_a_timeout_closes_the_connection_so_replies_stay_matched(
+    server: PrivateRedis,
+) -> None:
+    client = server.client(timeout=0.3)
+    with pytest.raises(RedisTimeoutError):
+        await client.call("BLPOP", "nothing-here", 1)  # blocks longer than the timeout
+    # Had the connection stayed open, BLPOP's late nil would be taken as these replies.
+    for i in range(4):
+        assert await client.call("ECHO", f"after{i}") == f"after{i}".encode()
+    client.close()
+
+
+async def test_reconnects_after_the_server_comes_back(server: PrivateRedis) -> None:
+    client = server.client()
+    assert await client.call("PING") == b"PONG"
+    server.stop()
+    with pytest.raises(RedisConnectionError):
+        await client.call("PING")
+    with pytest.raises(RedisConnectionError, match="cannot connect"):
+        await client.call("PING")
+    server.start()
+    assert await client.call("PING") == b"PONG"
+    client.close()
+
+
+async def test_password_and_database() -> None:
+    s = PrivateRedis(password="s3cret")
+    s.start()
+    try:
+        client = s.client(db=3)
+        assert await client.call("SET", "in-db-3", "yes") == b"OK"
+        assert await client.call("CLIENT", "INFO") is not None
+        info = (await client.call("CLIENT", "INFO")).decode()
+        assert " db=3 " in info
+        client.close()
+        wrong = RespClient({"host": "127.0.0.1", "port": s.port, "password": "nope"}, size=1)
+        with pytest.raises(AuthenticationError):
+            await wrong.call("PING")
+        wrong.close()
+    finally:
+        s.stop()
