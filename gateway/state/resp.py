@@ -36,6 +36,9 @@ class _Connection(asyncio.Protocol):
         self._waiters: deque[asyncio.Future[Any]] = deque()
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        # Commands sent in one turn of the event loop leave in one write (one system
+        # call, which costs more than packing and parsing here).
+        self._out: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -63,11 +66,18 @@ class _Connection(asyncio.Protocol):
                 fut.set_result(reply)
 
     def send(self, packed: bytes) -> asyncio.Future[Any]:
-        assert self.transport is not None
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self._waiters.append(fut)
-        self.transport.write(packed)
+        if not self._out:
+            loop.call_soon(self._flush)
+        self._out.append(packed)
         return fut
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self.transport is not None and not self.closed:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:
