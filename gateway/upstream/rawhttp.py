@@ -34,11 +34,13 @@ class Response:
     __slots__ = (
         "_buf",
         "_conn",
+        "_deadline",
         "_eof",
         "_error",
         "_head",
         "_keep_alive",
         "_size",
+        "_timer",
         "_until_close",
         "_waiter",
         "headers",
@@ -54,6 +56,10 @@ class Response:
         self._keep_alive = False
         self._error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
+        # One timer per response, re-armed only when it fires early: a stream's reads
+        # just move the deadline (a float), instead of a timer each.
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         # A body with neither Content-Length nor chunked encoding ends when the
         # connection closes (HTTP/1.1, RFC 9112 section 6.3).
         self._until_close = False
@@ -98,19 +104,31 @@ class Response:
                 raise self._error
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
-            timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
+            if timeout is not None:
+                self._deadline = loop.time() + timeout
+                if self._timer is None:
+                    self._timer = loop.call_at(self._deadline, self._check_deadline)
             try:
                 await waiter
             finally:
                 self._waiter = None
-                if timer is not None:
-                    timer.cancel()
         data = self._buf[0] if len(self._buf) == 1 else b"".join(self._buf)
         self._buf.clear()
         if self._size > _HIGH_WATER:
             self._conn.resume()
         self._size = 0
         return data
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # not waiting now; the next wait arms a timer again
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._deadline:
+            waiter.set_exception(TimeoutError())
+        else:
+            self._timer = loop.call_at(self._deadline, self._check_deadline)
 
     async def read(self) -> bytes:
         """The whole body."""
@@ -123,14 +141,12 @@ class Response:
 
     def release(self) -> None:
         """Done with the response: the connection goes back to the pool if it is reusable."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._conn.done(self._eof and self._keep_alive and self._error is None)
 
     close = release  # an incomplete response closes its connection either way
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
 
 
 class Connection(asyncio.Protocol):
