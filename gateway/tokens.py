@@ -28,8 +28,9 @@ REPLY_PRIMING = 3
 # Without an encoding: about 4 bytes per token in English, fewer in code and other
 # scripts. Three bytes per token errs on the side of reserving too much.
 BYTES_PER_TOKEN_ESTIMATE = 3
-# Texts above this many characters are encoded in a thread, off the event loop.
-OFFLOAD_CHARS = 32_768
+# Counts of texts at least this long are remembered (bounded by their total size).
+REMEMBER_CHARS = 256
+REMEMBER_TOTAL_CHARS = 8 * 1024 * 1024
 
 _DEFAULT_ENCODING = "o200k_base"
 _KNOWN_ENCODINGS = ("o200k_base", "cl100k_base")
@@ -46,6 +47,32 @@ class PromptInfo:
     chars: int = 0
 
 
+class SizedMemo:
+    """Remembered values, the oldest forgotten first once their keys' sizes pass a bound."""
+
+    def __init__(self, max_size: int) -> None:
+        self._max = max_size
+        self._size = 0
+        self._d: dict[tuple[int, str], tuple[int, int]] = {}
+
+    def get(self, key: tuple[int, str]) -> int | None:
+        hit = self._d.get(key)
+        return None if hit is None else hit[0]
+
+    def put(self, key: tuple[int, str], value: int, size: int) -> int:
+        if size > self._max:
+            return value
+        self._d[key] = (value, size)
+        self._size += size
+        while self._size > self._max:
+            _, old = self._d.pop(next(iter(self._d)))
+            self._size -= old
+        return value
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
 def estimate_from_text(text: str) -> int:
     return -(-len(text.encode("utf-8", "surrogatepass")) // BYTES_PER_TOKEN_ESTIMATE)
 
@@ -59,6 +86,7 @@ class TokenCounter:
         self._loaded = threading.Event()
         self._failed: str | None = None
         self._name_cache: dict[str, str] = {}
+        self._seen = SizedMemo(REMEMBER_TOTAL_CHARS)
 
     # -- loading -----------------------------------------------------------------------
     def load_blocking(self) -> None:
@@ -130,7 +158,21 @@ class TokenCounter:
         # Not encode_ordinary_batch: it starts a thread pool per call (8 threads), which
         # cost more than the counting itself.
         encode = enc.encode_ordinary
-        return sum(len(encode(t)) for t in texts if t)
+        seen = self._seen
+        total = 0
+        for t in texts:
+            if not t:
+                continue
+            if len(t) < REMEMBER_CHARS:
+                total += len(encode(t))
+                continue
+            # Long texts come back: a system prompt, a conversation's earlier turns.
+            key = (id(enc), t)
+            n = seen.get(key)
+            if n is None:
+                n = seen.put(key, len(encode(t)), len(t))
+            total += n
+        return total
 
     def chat_prompt(
         self, body: dict[str, Any], model_name: str, encoding: str | None, image_tokens: int

@@ -144,7 +144,7 @@ async def estimate(request: Req) -> Response[bytes]:
         tenant=tenant,
     )
     await parse(ctx)
-    route(ctx)
+    await route(ctx)
     amount, tokens, max_out = worst_case(ctx)
     assert ctx.route is not None and ctx.prompt is not None
     model = ctx.route.model

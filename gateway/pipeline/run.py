@@ -33,7 +33,7 @@ log = logging.getLogger("gateway.pipeline")
 async def _stages(ctx: RequestContext, out: Responder) -> None:
     authenticate(ctx)
     await parse(ctx)
-    route(ctx)
+    await route(ctx)
     stored = await idempotency.begin(ctx)
     if stored is None:
         stored = await cache.lookup(ctx)
