@@ -49,7 +49,8 @@ class Responder(Protocol):
 
     async def send_chunk(self, data: bytes) -> None: ...
 
-    async def end_stream(self) -> None: ...
+    async def end_stream(self, last: bytes = b"") -> None:
+        """Send ``last`` (if any) and end the stream, in one write."""
 
 
 async def interruptible(out: Responder, aw: Awaitable[T]) -> T:

@@ -64,3 +64,13 @@ def gateway_headers(ctx: RequestContext, *, cost: bool) -> list[Header]:
     if ctx.replayed:
         h.append((b"idempotent-replayed", b"true"))
     return h
+
+
+def usage_extension(ctx: RequestContext) -> dict[str, str]:
+    """What a stream's final usage chunk carries besides OpenAI's fields (``x_gateway``):
+    the request id, its cost and the budget left, as exact decimal strings."""
+    gw = {"request_id": ctx.request_id, "cost_usd": nanos_to_usd(ctx.charged)}
+    remaining = min_remaining(ctx.windows)
+    if remaining is not None:
+        gw["budget_remaining_usd"] = nanos_to_usd(remaining)
+    return gw

@@ -16,11 +16,10 @@ from typing import Any
 import orjson
 
 from ..config.catalog import Model
-from ..money import nanos_to_usd
 from ..sse import DONE, DONE_EVENT, EventSplitter, data_event, event_data
 from ..upstream.errors import UpstreamBadResponse, UpstreamError, from_status
 from .context import RequestContext, Responder, interruptible
-from .headers import SSE, gateway_headers, min_remaining
+from .headers import SSE, gateway_headers, usage_extension
 from .settle import settle
 from .usage import count_streamed, usage_from
 
@@ -127,8 +126,7 @@ async def relay_stream(
     tail = DONE_EVENT
     if ctx.include_usage:
         tail = data_event(orjson.dumps(_final_usage(ctx, usage_chunk))) + tail
-    await out.send_chunk(tail)
-    await out.end_stream()
+    await out.end_stream(tail)
     ctx.completed = True
 
 
@@ -155,11 +153,7 @@ def _final_usage(ctx: RequestContext, chunk: dict[str, Any] | None) -> dict[str,
                 "total_tokens": u.prompt_tokens + u.completion_tokens,
             },
         }
-    gw: dict[str, Any] = {"request_id": ctx.request_id, "cost_usd": nanos_to_usd(ctx.charged)}
-    remaining = min_remaining(ctx.windows)
-    if remaining is not None:
-        gw["budget_remaining_usd"] = nanos_to_usd(remaining)
-    chunk["x_gateway"] = gw
+    chunk["x_gateway"] = usage_extension(ctx)
     return chunk
 
 
@@ -170,5 +164,4 @@ async def _abort(
     ctx.note_attempt(model, exc.error_code, exc.upstream_status or exc.status, t0)
     ctx.error = exc
     await settle(ctx)
-    await out.send_chunk(data_event(exc.to_bytes()))
-    await out.end_stream()
+    await out.end_stream(data_event(exc.to_bytes()))

@@ -9,11 +9,10 @@ from typing import Any
 
 import orjson
 
-from ..money import nanos_to_usd
-from ..sse import DONE_EVENT, EventSplitter, data_event
+from ..sse import DONE_EVENT, data_event
 from .assemble import to_chunks
 from .context import Header, RequestContext, Responder
-from .headers import JSON, SSE, gateway_headers, min_remaining
+from .headers import JSON, SSE, gateway_headers, usage_extension
 from .settle import settle
 
 
@@ -56,8 +55,10 @@ class Tee:
         self.parts.append(data)
         await self.inner.send_chunk(data)
 
-    async def end_stream(self) -> None:
-        await self.inner.end_stream()
+    async def end_stream(self, last: bytes = b"") -> None:
+        if last:
+            self.parts.append(last)
+        await self.inner.end_stream(last)
 
     def body(self) -> bytes:
         return b"".join(self.parts)
@@ -128,25 +129,14 @@ class Stored:
         if not self.stream:
             await out.send_json(200, [JSON, *headers], self.body)
             return
+        # The stored events exactly as they were sent, in one write: they are all here.
         await out.start_stream(200, [SSE, *headers])
-        splitter = EventSplitter()
-        for ev in splitter.feed(self.body):
-            await out.send_chunk(ev)
-        await out.end_stream()
+        await out.end_stream(self.body)
 
     async def _as_stream(self, ctx: RequestContext, out: Responder, headers: list[Header]) -> None:
         completion = orjson.loads(self.body)
-        await out.start_stream(200, [SSE, *headers])
-        for chunk in to_chunks(completion):
-            await out.send_chunk(data_event(orjson.dumps(chunk)))
+        events = [data_event(orjson.dumps(chunk)) for chunk in to_chunks(completion)]
         if ctx.include_usage:
-            gw: dict[str, Any] = {
-                "request_id": ctx.request_id,
-                "cost_usd": nanos_to_usd(ctx.charged),
-            }
-            remaining = min_remaining(ctx.windows)
-            if remaining is not None:
-                gw["budget_remaining_usd"] = nanos_to_usd(remaining)
             usage_chunk = {
                 "id": completion.get("id", ""),
                 "object": "chat.completion.chunk",
@@ -154,8 +144,9 @@ class Stored:
                 "model": completion.get("model", ""),
                 "choices": [],
                 "usage": completion.get("usage"),
-                "x_gateway": gw,
+                "x_gateway": usage_extension(ctx),
             }
-            await out.send_chunk(data_event(orjson.dumps(usage_chunk)))
-        await out.send_chunk(DONE_EVENT)
-        await out.end_stream()
+            events.append(data_event(orjson.dumps(usage_chunk)))
+        events.append(DONE_EVENT)
+        await out.start_stream(200, [SSE, *headers])
+        await out.end_stream(b"".join(events))
