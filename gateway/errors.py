@@ -170,7 +170,3 @@ def state_unavailable(detail: str) -> GatewayError:
         code="state_backend_unavailable",
         headers={"retry-after": "1"},
     )
-
-
-def status_class(status: int) -> str:
-    return f"{status // 100}xx"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -175,7 +174,3 @@ class Runtime:
             (w.remaining or 0) / w.limit for w in windows if w.limit is not None and w.limit > 0
         ]
         return min(shares) if shares else None
-
-
-def key_hash_line(key: str) -> str:
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()

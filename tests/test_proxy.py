@@ -210,9 +210,10 @@ def test_stream_is_relayed_without_buffering(gw: Gateway) -> None:
     assert arrivals[1] < 0.6  # ... but the first tokens arrive as they are produced
 
 
-def test_long_stream_has_no_total_timeout(
+def test_an_idle_stream_ends_with_an_error_event(
     make_gateway: Callable[..., Gateway], fake: FakeUpstream
 ) -> None:
+    # (a long stream that keeps flowing completes: test_resilience.py)
     cfg = gateway_config(fake.base_url)
     cfg["providers"]["fake"]["timeouts"] = {
         "connect": 1,
@@ -222,16 +223,6 @@ def test_long_stream_has_no_total_timeout(
     }
     gw = make_gateway(cfg, {"p": policy({"t1": tenant("key-1")})})
     client = gw.client("key-1")
-    # 8 chunks 0.4 s apart: 3.2 s in all, far beyond every timeout, but never idle for 0.6 s
-    chunks = list(
-        client.chat.completions.create(
-            model="cheap",
-            messages=MSG,
-            stream=True,
-            extra_body=directive(tokens=8, chunk_delay=0.4),
-        )
-    )
-    assert chunks[-1].choices[0].finish_reason == "stop"
     # idle longer than the idle timeout: the stream ends with an OpenAI-shaped error event
     with pytest.raises(openai.APIError) as exc:
         list(

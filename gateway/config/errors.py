@@ -13,10 +13,6 @@ class ConfigError(Exception):
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
 
-    @classmethod
-    def at(cls, file: str | Path, path: Iterable[str | int], problem: str) -> ConfigError:
-        return cls([format_problem(file, path, problem)])
-
 
 def format_problem(file: str | Path, path: Iterable[str | int], problem: str) -> str:
     where = ".".join(str(p) for p in path)

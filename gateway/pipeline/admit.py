@@ -66,7 +66,7 @@ async def admit(
     model = ctx.model
     assert tenant is not None and model is not None
     if amount is None or tokens is None:
-        amount, tokens, ctx.max_output = worst_case(ctx)
+        amount, tokens, _ = worst_case(ctx)
     limits, klim = tenant.limits, ctx.key_limits
     for tpm in (limits.tpm, klim.tpm if klim else None):
         if tpm is not None and tokens > tpm:
@@ -118,7 +118,6 @@ def _clamp(ctx: RequestContext, granted: int) -> None:
     prompt = reserve_prompt_tokens(ctx.prompt.tokens)
     per_choice = min(m.price.max_output_for(granted, prompt) for m in ctx.route.chain) // n
     ctx.clamped_to = per_choice
-    ctx.max_output = per_choice * n
     assert ctx.route is not None
     ctx.route.reason += f";clamp:max_tokens={per_choice}"
 
@@ -151,7 +150,7 @@ def _rejection(ctx: RequestContext, res: AdmitResult, amount: int) -> GatewayErr
     return rate_limited(
         f"Rate limit reached: {who} limited to {what}. Retry after {retry:.1f}s.",
         retry,
-        dict(rate_limit_headers(res.rate, as_str=True)),
+        dict(rate_limit_headers(res.rate)),
     )
 
 

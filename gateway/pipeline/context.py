@@ -128,7 +128,6 @@ class RequestContext:
     task: str | None = None
 
     prompt: PromptInfo | None = None
-    max_output: int = 0  # worst-case completion tokens over all choices
     route: RouteDecision | None = None
     model: Model | None = None  # the model of the current attempt
 

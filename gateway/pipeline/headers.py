@@ -26,7 +26,7 @@ def openai_duration(ms: int) -> str:
     return f"{s}s"
 
 
-def rate_limit_headers(rate: RateState, as_str: bool = False) -> Iterator[tuple[str, str]]:
+def rate_limit_headers(rate: RateState) -> Iterator[tuple[str, str]]:
     if rate.limit_requests is not None:
         yield "x-ratelimit-limit-requests", str(rate.limit_requests)
         yield "x-ratelimit-remaining-requests", str(rate.remaining_requests)

@@ -82,7 +82,3 @@ def count_streamed(ctx: RequestContext, model: Model) -> Usage:
             texts.extend(_choice_texts(chunk.get("choices"), "delta"))
     prompt = ctx.prompt.tokens if ctx.prompt else 0
     return counted_usage(ctx.runtime.tokens, model, prompt, texts)
-
-
-def total_tokens(u: Usage) -> int:
-    return u.prompt_tokens + u.completion_tokens

@@ -288,9 +288,6 @@ class SqliteStore:
     async def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         return await asyncio.to_thread(self._query, sql, params)
 
-    def query_blocking(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        return self._query(sql, params)
-
     async def ledger(self, q: LedgerQuery) -> LedgerPage:
         where: list[str] = []
         params: list[Any] = []

@@ -12,10 +12,6 @@ DAY_MS = 86_400_000
 MINUTE_MS = 60_000
 
 
-def civil(ms: int) -> tuple[int, int, int]:
-    return _civil_day(ms // DAY_MS)
-
-
 # Periods change once a day: every request asks for them (admit, settle, usage), so
 # the calendar arithmetic is done once per day and window, not several times a request.
 @lru_cache(maxsize=16)

@@ -100,6 +100,3 @@ class Breakers:
             self._by_key[key] = b
             self._on_change(provider, model, "closed")
         return b
-
-    def states(self) -> dict[tuple[str, str], str]:
-        return {k: b.state for k, b in self._by_key.items()}

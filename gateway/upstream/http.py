@@ -131,14 +131,13 @@ class HttpStream:
     """Reads an upstream stream with a first-byte timeout, then an idle timeout between
     chunks; no limit on the total while data keeps flowing."""
 
-    __slots__ = ("_done", "_first", "_model", "_owner", "_resp")
+    __slots__ = ("_first", "_model", "_owner", "_resp")
 
     def __init__(self, owner: HttpUpstream, resp: rawhttp.Response, model: str) -> None:
         self._owner = owner
         self._resp = resp
         self._model = model
         self._first = True
-        self._done = False
 
     async def read(self) -> bytes:
         t = self._owner._timeouts
@@ -151,8 +150,6 @@ class HttpStream:
         except (rawhttp.ConnectionClosed, rawhttp.BadResponse) as exc:
             raise self._owner._error(exc, self._model) from None
         self._first = False
-        if not data:
-            self._done = True
         return data
 
     async def aclose(self) -> None:
