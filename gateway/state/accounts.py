@@ -10,8 +10,20 @@ import heapq
 from dataclasses import dataclass, field
 
 from ..config.snapshot import BudgetLimits
-from .base import Admission, AdmitResult, RateState, WindowState
+from .base import Admission, AdmitResult, EndUserState, EndUserTerms, RateState, WindowState
 from .windows import MINUTE_MS, minute, period, resets_at
+
+BALANCE = "b"  # the period id under which durable storage keeps an end user's balance
+
+
+@dataclass(slots=True)
+class Charge:
+    """What a settlement charged, to which periods, and the end user's balance change."""
+
+    charged: int
+    periods: list[str]
+    end_user: str = ""
+    credit: int = 0  # -charged when paid from prepaid credits
 
 
 @dataclass(slots=True)
@@ -21,6 +33,8 @@ class Lease:
     minute: int
     expires_ms: int
     key: str = ""  # the key's fingerprint when the key has limits of its own
+    end_user: str = ""  # the end user it was admitted for, if any
+    prepaid: bool = False  # paid from the end user's balance
 
 
 @dataclass(slots=True)
@@ -31,6 +45,19 @@ class KeyCounts:
     requests: int = 0
     tokens: int = 0
     live: int = 0
+
+
+@dataclass(slots=True)
+class EndUserBook:
+    """One end user's state inside its tenant's book."""
+
+    spent: dict[str, int] = field(default_factory=dict)  # period id -> nanos
+    reserved: int = 0
+    live: int = 0  # requests in flight
+    balance: int = 0  # prepaid credits: top-ups minus prepaid charges
+    rl_minute: int = -1
+    rl_requests: int = 0
+    rl_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -45,6 +72,7 @@ class Book:
     rl_requests: int = 0
     rl_tokens: int = 0
     keys: dict[str, KeyCounts] = field(default_factory=dict)
+    end_users: dict[str, EndUserBook] = field(default_factory=dict)
 
 
 def _limits(b: BudgetLimits) -> tuple[tuple[str, int | None], ...]:
@@ -65,6 +93,21 @@ class Accounts:
         """Rebuild from durable storage at start."""
         self.book(tenant).spent[period_id] = nanos
 
+    def end_user_book(self, tenant: str, end_user: str) -> EndUserBook:
+        b = self.book(tenant)
+        e = b.end_users.get(end_user)
+        if e is None:
+            e = b.end_users[end_user] = EndUserBook()
+        return e
+
+    def load_end_user(self, tenant: str, end_user: str, period_id: str, nanos: int) -> None:
+        """Rebuild from durable storage at start: spend per period, or the balance ('b')."""
+        e = self.end_user_book(tenant, end_user)
+        if period_id == BALANCE:
+            e.balance = nanos
+        else:
+            e.spent[period_id] = nanos
+
     # -- leases ------------------------------------------------------------------------
     @staticmethod
     def _expire(b: Book, now: int) -> None:
@@ -75,7 +118,7 @@ class Accounts:
             if lease is not None and lease.expires_ms == exp:
                 del b.leases[rid]
                 b.reserved -= lease.amount
-                Accounts._key_done(b, lease)
+                Accounts._lease_done(b, lease)
 
     def extend(self, tenant: str, ids: list[str], lease_ms: int, now: int) -> None:
         b = self.book(tenant)
@@ -87,12 +130,17 @@ class Accounts:
                 heapq.heappush(b.expiry, (lease.expires_ms, rid))
 
     @staticmethod
-    def _key_done(b: Book, lease: Lease) -> None:
+    def _lease_done(b: Book, lease: Lease) -> None:
+        """A lease ended (settled or lapsed): its key and end user hold it no more."""
         kc = b.keys.get(lease.key) if lease.key else None
         if kc is not None:
             kc.live -= 1
             if kc.live <= 0 and kc.minute < b.rl_minute:
                 del b.keys[lease.key]  # nothing in flight, nothing counted this minute
+        e = b.end_users.get(lease.end_user) if lease.end_user else None
+        if e is not None:
+            e.live -= 1
+            e.reserved -= lease.amount
 
     # -- windows -----------------------------------------------------------------------
     def windows(self, b: Book, budgets: BudgetLimits, now: int) -> list[WindowState]:
@@ -111,6 +159,26 @@ class Accounts:
         b = self.book(tenant)
         self._expire(b, now)
         return self.windows(b, budgets, now)
+
+    @staticmethod
+    def end_user_state(e: EndUserBook, budgets: BudgetLimits, now: int) -> EndUserState:
+        windows = [
+            WindowState(w, limit, e.spent.get(period(w, now), 0), e.reserved, resets_at(w, now))
+            for w, limit in _limits(budgets)
+        ]
+        return EndUserState(windows, e.balance, e.live)
+
+    def end_user_usage(self, tenant: str, terms: EndUserTerms, now: int) -> EndUserState:
+        b = self.book(tenant)
+        self._expire(b, now)
+        e = b.end_users.get(terms.id) or EndUserBook()
+        return self.end_user_state(e, terms.budgets, now)
+
+    def top_up(self, tenant: str, end_user: str, amount: int) -> int:
+        """Add credits; return the new balance."""
+        e = self.end_user_book(tenant, end_user)
+        e.balance += amount
+        return e.balance
 
     def _rate(self, b: Book, a: Admission, now: int) -> RateState:
         return rate_state(
@@ -137,46 +205,73 @@ class Accounts:
             b.rl_minute, b.rl_requests, b.rl_tokens = m, 0, 0
         lim = a.limits
         until_next_minute = (m + 1) * MINUTE_MS - now
+        eu = a.end_user
+        e = self.end_user_book(a.tenant, eu.id) if eu is not None else None
+        if e is not None and e.rl_minute != m:
+            e.rl_minute, e.rl_requests, e.rl_tokens = m, 0, 0
 
-        def reject(by: str, retry_ms: int, window: str | None = None) -> AdmitResult:
+        def result(ok: bool, granted: int = 0, by: str | None = None, window: str | None = None,
+                   retry_ms: int = 0) -> AdmitResult:  # fmt: skip
             return AdmitResult(
-                ok=False,
-                granted=0,
+                ok=ok,
+                granted=granted,
                 windows=self.windows(b, a.budgets, now),
                 rate=self._rate(b, a, now),
                 now_ms=now,
                 rejected_by=by,  # type: ignore[arg-type]
                 window=window,
                 retry_after_ms=retry_ms,
+                end_user=None
+                if e is None or eu is None
+                else self.end_user_state(e, eu.budgets, now),
             )
 
         if a.count_request and lim.rpm is not None and b.rl_requests + 1 > lim.rpm:
-            return reject("rpm", until_next_minute)
+            return result(False, by="rpm", retry_ms=until_next_minute)
         if lim.tpm is not None and b.rl_tokens + a.tokens > lim.tpm:
-            return reject("tpm", until_next_minute)
+            return result(False, by="tpm", retry_ms=until_next_minute)
         if lim.concurrent is not None and len(b.leases) + 1 > lim.concurrent:
-            return reject("concurrent", 1000)
+            return result(False, by="concurrent", retry_ms=1000)
         kc = self._key_counts(b, a, m)
         if kc is not None:
             klim = a.key_limits
             assert klim is not None
             if a.count_request and klim.rpm is not None and kc.requests + 1 > klim.rpm:
-                return reject("key_rpm", until_next_minute)
+                return result(False, by="key_rpm", retry_ms=until_next_minute)
             if klim.tpm is not None and kc.tokens + a.tokens > klim.tpm:
-                return reject("key_tpm", until_next_minute)
+                return result(False, by="key_tpm", retry_ms=until_next_minute)
             if klim.concurrent is not None and kc.live + 1 > klim.concurrent:
-                return reject("key_concurrent", 1000)
+                return result(False, by="key_concurrent", retry_ms=1000)
+        if e is not None and eu is not None:
+            elim = eu.limits
+            if a.count_request and elim.rpm is not None and e.rl_requests + 1 > elim.rpm:
+                return result(False, by="end_user_rpm", retry_ms=until_next_minute)
+            if elim.tpm is not None and e.rl_tokens + a.tokens > elim.tpm:
+                return result(False, by="end_user_tpm", retry_ms=until_next_minute)
+            if elim.concurrent is not None and e.live + 1 > elim.concurrent:
+                return result(False, by="end_user_concurrent", retry_ms=1000)
 
+        # Every window that applies, the tenant's first: what fits all of them is granted.
+        rooms: list[tuple[str, str, int]] = [
+            ("budget", w, limit - b.spent.get(period(w, now), 0) - b.reserved)
+            for w, limit in _limits(a.budgets)
+            if limit is not None
+        ]
+        if e is not None and eu is not None:
+            rooms += [
+                ("end_user_budget", w, limit - e.spent.get(period(w, now), 0) - e.reserved)
+                for w, limit in _limits(eu.budgets)
+                if limit is not None
+            ]
+            if eu.prepaid:
+                rooms.append(("credits", "balance", e.balance - e.reserved))
         granted = a.amount
-        for w, limit in _limits(a.budgets):
-            if limit is None:
-                continue
-            room = limit - b.spent.get(period(w, now), 0) - b.reserved
+        for by, w, room in rooms:
             if granted > room:
                 if a.min_amount is not None and room >= a.min_amount:
                     granted = room
                 else:
-                    return reject("budget", 0, w)
+                    return result(False, by=by, window=w)
 
         if a.count_request:
             b.rl_requests += 1
@@ -184,28 +279,43 @@ class Accounts:
         old = b.leases.get(a.reservation_id)
         if old is not None:  # the same id again replaces its lease (as admit_v1.lua does)
             b.reserved -= old.amount
-            self._key_done(b, old)
+            self._lease_done(b, old)
         if kc is not None:
             if a.count_request:
                 kc.requests += 1
             kc.tokens += a.tokens
             kc.live += 1
-        lease = Lease(granted, a.tokens, m, now + a.lease_ms, a.key if kc is not None else "")
+        if e is not None:
+            if a.count_request:
+                e.rl_requests += 1
+            e.rl_tokens += a.tokens
+            e.live += 1
+            e.reserved += granted
+        lease = Lease(
+            granted,
+            a.tokens,
+            m,
+            now + a.lease_ms,
+            a.key if kc is not None else "",
+            eu.id if eu is not None else "",
+            eu is not None and eu.prepaid,
+        )
         b.leases[a.reservation_id] = lease
         heapq.heappush(b.expiry, (lease.expires_ms, a.reservation_id))
         b.reserved += granted
-        return AdmitResult(
-            ok=True,
-            granted=granted,
-            windows=self.windows(b, a.budgets, now),
-            rate=self._rate(b, a, now),
-            now_ms=now,
-        )
+        return result(True, granted)
 
     def settle(
-        self, tenant: str, rid: str, charge: int, tokens_delta: int, budgets: BudgetLimits, now: int
-    ) -> tuple[int, list[str]]:
-        """Apply a settlement; return what was charged and the periods it was added to."""
+        self,
+        tenant: str,
+        rid: str,
+        charge: int,
+        tokens_delta: int,
+        budgets: BudgetLimits,
+        now: int,
+        end_user: EndUserTerms | None = None,
+    ) -> Charge:
+        """Apply a settlement: release the lease and charge."""
         b = self.book(tenant)
         self._expire(b, now)
         charge = max(charge, 0)
@@ -225,7 +335,11 @@ class Accounts:
             kc = b.keys.get(lease.key) if lease.key else None
             if kc is not None and lease.minute == m == kc.minute:
                 kc.tokens = max(kc.tokens + tokens_delta, 0)
-            self._key_done(b, lease)
+            eb = b.end_users.get(lease.end_user) if lease.end_user else None
+            if eb is not None and lease.minute == m == eb.rl_minute:
+                eb.rl_tokens = max(eb.rl_tokens + tokens_delta, 0)
+            self._lease_done(b, lease)
+            eu_id, prepaid = lease.end_user, lease.prepaid
         else:
             # The lease lapsed: charge only what still fits, never overspend.
             charged = charge
@@ -233,26 +347,48 @@ class Accounts:
                 if limit is not None:
                     room = limit - b.spent.get(period(w, now), 0) - b.reserved
                     charged = min(charged, max(room, 0))
+            eu_id = end_user.id if end_user is not None else ""
+            prepaid = end_user is not None and end_user.prepaid
+            if end_user is not None:
+                eb = self.end_user_book(tenant, eu_id)
+                for w, limit in _limits(end_user.budgets):
+                    if limit is not None:
+                        room = limit - eb.spent.get(period(w, now), 0) - eb.reserved
+                        charged = min(charged, max(room, 0))
+                if prepaid:
+                    charged = min(charged, max(eb.balance - eb.reserved, 0))
         periods = [period(w, now) for w in ("daily", "monthly", "total")]
+        out = Charge(charged, periods, eu_id, -charged if prepaid else 0)
         if charged:
             for p in periods:
                 b.spent[p] = b.spent.get(p, 0) + charged
-            self._forget_old(b, periods)
-        return charged, periods
+            self._forget_old(b.spent, periods)
+            if eu_id:
+                e = self.end_user_book(tenant, eu_id)
+                for p in periods:
+                    e.spent[p] = e.spent.get(p, 0) + charged
+                self._forget_old(e.spent, periods)
+                e.balance += out.credit
+        return out
 
-    def refund(self, tenant: str, periods: list[str], amount: int) -> None:
+    def refund(self, tenant: str, c: Charge) -> None:
         """Undo a settlement whose ledger write failed (the caller gets an error)."""
         b = self.book(tenant)
-        for p in periods:
+        e = b.end_users.get(c.end_user) if c.end_user else None
+        for p in c.periods:
             if p in b.spent:
-                b.spent[p] -= amount
+                b.spent[p] -= c.charged
+            if e is not None and p in e.spent:
+                e.spent[p] -= c.charged
+        if e is not None:
+            e.balance -= c.credit
 
     @staticmethod
-    def _forget_old(b: Book, current: list[str]) -> None:
-        if len(b.spent) > 3:
+    def _forget_old(spent: dict[str, int], current: list[str]) -> None:
+        if len(spent) > 3:
             keep = set(current)
-            for p in [p for p in b.spent if p not in keep]:
-                del b.spent[p]
+            for p in [p for p in spent if p not in keep]:
+                del spent[p]
 
 
 def rate_state(

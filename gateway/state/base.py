@@ -36,6 +36,18 @@ class RateLimits:
     concurrent: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class EndUserTerms:
+    """A tenant's own customer (an end user) on a request, and what applies to it on top
+    of the tenant's own budgets and limits. ``prepaid``: calls are also paid from the end
+    user's balance of prepaid credits, which can never go below zero."""
+
+    id: str
+    budgets: BudgetLimits = field(default_factory=BudgetLimits)
+    limits: RateLimits = field(default_factory=RateLimits)
+    prepaid: bool = False
+
+
 @dataclass(slots=True)
 class Admission:
     tenant: str
@@ -52,6 +64,7 @@ class Admission:
     # Limits of the key itself (on top of the tenant's), counted per key fingerprint.
     key: str = ""
     key_limits: RateLimits | None = None
+    end_user: EndUserTerms | None = None
 
 
 @dataclass(slots=True)
@@ -82,7 +95,30 @@ class RateState:
     reset_tokens_ms: int = 0
 
 
-Rejection = Literal["rpm", "tpm", "concurrent", "key_rpm", "key_tpm", "key_concurrent", "budget"]
+Rejection = Literal[
+    "rpm",
+    "tpm",
+    "concurrent",
+    "key_rpm",
+    "key_tpm",
+    "key_concurrent",
+    "end_user_rpm",
+    "end_user_tpm",
+    "end_user_concurrent",
+    "budget",
+    "end_user_budget",
+    "credits",
+]
+
+
+@dataclass(slots=True)
+class EndUserState:
+    """An end user's spend per window (against its own budgets), what its requests in
+    flight hold, and its balance of prepaid credits (top-ups minus prepaid charges)."""
+
+    windows: list[WindowState]
+    balance: int
+    in_flight: int = 0
 
 
 @dataclass(slots=True)
@@ -95,6 +131,7 @@ class AdmitResult:
     rejected_by: Rejection | None = None
     window: str | None = None  # the budget window that did not fit
     retry_after_ms: int = 0
+    end_user: EndUserState | None = None  # after this admission, when there is one
 
 
 @dataclass(slots=True)
@@ -121,6 +158,8 @@ class LedgerRow:
     cost: int = 0
     reserved: int = 0
     overrun: int = 0  # actual cost the tenant was not charged (beyond the reservation)
+    # Change of the end user's prepaid balance: + a top-up, - a call paid from credits.
+    credit: int = 0
     cache: str = "off"
     replay: bool = False
     usage_source: str = "none"  # "upstream" | "counted" | "none"
@@ -138,12 +177,14 @@ class Settlement:
     tokens_delta: int  # actual tokens minus the admitted estimate (tpm correction)
     budgets: BudgetLimits
     row: LedgerRow
+    end_user: EndUserTerms | None = None
 
 
 @dataclass(slots=True)
 class SettleResult:
     charged: int
     windows: list[WindowState]
+    end_user: EndUserState | None = None
 
 
 @dataclass(slots=True)
@@ -153,6 +194,7 @@ class LedgerQuery:
     since_ms: int | None = None
     until_ms: int | None = None
     status: int | None = None
+    end_user: str | None = None  # only with ``tenant``
     limit: int = 100
     cursor: str | None = None  # opaque; from the previous page
 
@@ -164,6 +206,17 @@ class LedgerPage:
 
 
 IdemState = Literal["new", "done", "inflight", "mismatch"]
+
+
+@dataclass(slots=True)
+class TopUp:
+    """The outcome of a credit top-up: ``applied`` now, ``replayed`` (this idempotency key
+    was applied before, with the same end user and amount: nothing changed) or
+    ``mismatch`` (the key was used for another end user or amount: nothing changed)."""
+
+    state: Literal["applied", "replayed", "mismatch"]
+    row_id: str  # the ledger row of the top-up (the earlier one, when replayed)
+    balance: int
 
 
 @dataclass(slots=True)
@@ -214,6 +267,16 @@ class StateBackend(abc.ABC):
     @abc.abstractmethod
     async def ledger(self, q: LedgerQuery) -> LedgerPage:
         """Ledger rows, newest first, filtered and paginated."""
+
+    # -- end users ---------------------------------------------------------------------
+    @abc.abstractmethod
+    async def end_user_usage(self, tenant: str, terms: EndUserTerms) -> EndUserState:
+        """The end user's windows (against ``terms.budgets``) and balance now."""
+
+    @abc.abstractmethod
+    async def top_up(self, tenant: str, key: str, row: LedgerRow) -> TopUp:
+        """Add ``row.credit`` (> 0) to the balance of end user ``row.end_user`` and append
+        ``row`` to the ledger, at once, unless idempotency ``key`` was used before."""
 
     # -- idempotency -------------------------------------------------------------------
     @abc.abstractmethod

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config.snapshot import BudgetLimits
-from .accounts import Accounts
+from .accounts import BALANCE, Accounts
 from .base import (
     Admission,
     AdmitResult,
+    EndUserState,
+    EndUserTerms,
     IdemBegin,
     LedgerPage,
     LedgerQuery,
@@ -24,9 +26,11 @@ from .base import (
     SettleResult,
     StateBackend,
     StateUnavailable,
+    TopUp,
     WindowState,
 )
-from .sqlite_store import SqliteStore, ledger_write
+from .sqlite_store import INSERT_TOP_UP, SqliteStore, ledger_write
+from .windows import period
 
 _IDEM_UPSERT = (
     "INSERT OR REPLACE INTO idempotency (tenant, key, fingerprint, record, expires_ms) "
@@ -99,15 +103,29 @@ class EmbeddedState(StateBackend):
         self._flights: dict[str, int] = {}
         self._started = False
         self._idem_calls = 0
+        # Top-ups seen by this process, (tenant, key) -> (end user, nanos, row id); older
+        # ones are looked up in SQLite.
+        self._top_ups: OrderedDict[tuple[str, str], tuple[str, int, str]] = OrderedDict()
 
     async def start(self) -> None:
         conn = await asyncio.to_thread(self.store.open)
+        now = self.clock.now_ms()
         rows = await asyncio.to_thread(
             lambda: conn.execute("SELECT tenant, period, nanos FROM spend").fetchall()
         )
         now = self.clock.now_ms()
         for tenant, p, nanos in rows:
             self.accounts.load_spent(tenant, p, nanos)
+        current = (period("daily", now), period("monthly", now), "t", BALANCE)
+        eu_rows = await asyncio.to_thread(
+            lambda: conn.execute(
+                "SELECT tenant, end_user, period, nanos FROM end_user_spend "
+                f"WHERE period IN ({', '.join('?' for _ in current)})",
+                current,
+            ).fetchall()
+        )
+        for tenant, end_user, p, nanos in eu_rows:
+            self.accounts.load_end_user(tenant, end_user, p, nanos)
         idem = await asyncio.to_thread(
             lambda: conn.execute(
                 "SELECT tenant, key, fingerprint, record, expires_ms FROM idempotency "
@@ -138,18 +156,24 @@ class EmbeddedState(StateBackend):
 
     async def settle(self, s: Settlement) -> SettleResult:
         now = self.clock.now_ms()
-        charged, periods = self.accounts.settle(
-            s.tenant, s.reservation_id, s.charge, s.tokens_delta, s.budgets, now
+        c = self.accounts.settle(
+            s.tenant, s.reservation_id, s.charge, s.tokens_delta, s.budgets, now, s.end_user
         )
-        s.row.cost = charged
-        s.row.overrun = max(s.charge - charged, 0)
+        s.row.cost = c.charged
+        s.row.overrun = max(s.charge - c.charged, 0)
+        s.row.credit = c.credit
         try:
-            await self.store.write(ledger_write(s.row, [(p, charged) for p in periods]))
+            await self.store.write(
+                ledger_write(s.row, [(p, c.charged) for p in c.periods], c.end_user)
+            )
         except BaseException:
-            self.accounts.refund(s.tenant, periods, charged)
-            s.row.cost = 0
+            self.accounts.refund(s.tenant, c)
+            s.row.cost = s.row.credit = 0
             raise
-        return SettleResult(charged, self.accounts.usage(s.tenant, s.budgets, now))
+        eu = None
+        if s.end_user is not None:
+            eu = self.accounts.end_user_usage(s.tenant, s.end_user, now)
+        return SettleResult(c.charged, self.accounts.usage(s.tenant, s.budgets, now), eu)
 
     async def record(self, row: LedgerRow) -> None:
         await self.store.write(ledger_write(row, []))
@@ -162,6 +186,50 @@ class EmbeddedState(StateBackend):
 
     async def ledger(self, q: LedgerQuery) -> LedgerPage:
         return await self.store.ledger(q)
+
+    # -- end users ---------------------------------------------------------------------
+    async def end_user_usage(self, tenant: str, terms: EndUserTerms) -> EndUserState:
+        return self.accounts.end_user_usage(tenant, terms, self.clock.now_ms())
+
+    async def top_up(self, tenant: str, key: str, row: LedgerRow) -> TopUp:
+        if row.credit <= 0 or not row.end_user:
+            raise ValueError("a top-up needs an end user and a positive amount")
+        ik = (tenant, key)
+        if ik not in self._top_ups:
+            found = await self.store.query(
+                "SELECT end_user, nanos, row_id FROM top_ups WHERE tenant = ? AND key = ?", ik
+            )
+            if found and ik not in self._top_ups:
+                self._remember_top_up(ik, (found[0][0], found[0][1], found[0][2]))
+        earlier = self._top_ups.get(ik)
+        if earlier is not None:  # nothing was awaited since this check: atomic
+            eu, nanos, row_id = earlier
+            balance = self.accounts.end_user_book(tenant, eu).balance
+            same = eu == row.end_user and nanos == row.credit
+            return TopUp("replayed" if same else "mismatch", row_id, balance)
+        # The key is claimed now; the credits count once they are on disk (a failed
+        # write leaves no money that calls could already have spent).
+        # A caller cancelled meanwhile does not stop it half-way (shielded).
+        self._remember_top_up(ik, (row.end_user, row.credit, row.id))
+        return await asyncio.shield(asyncio.ensure_future(self._apply_top_up(tenant, key, row)))
+
+    async def _apply_top_up(self, tenant: str, key: str, row: LedgerRow) -> TopUp:
+        try:
+            await self.store.write(
+                [
+                    (INSERT_TOP_UP, (tenant, key, row.end_user, row.credit, row.id)),
+                    *ledger_write(row, [], row.end_user),
+                ]
+            )
+        except BaseException:
+            self._top_ups.pop((tenant, key), None)
+            raise
+        return TopUp("applied", row.id, self.accounts.top_up(tenant, row.end_user, row.credit))
+
+    def _remember_top_up(self, ik: tuple[str, str], value: tuple[str, int, str]) -> None:
+        self._top_ups[ik] = value
+        if len(self._top_ups) > 100_000:
+            self._top_ups.popitem(last=False)
 
     # -- idempotency -------------------------------------------------------------------
     async def idem_begin(self, tenant: str, key: str, fingerprint: str, lease_ms: int) -> IdemBegin:

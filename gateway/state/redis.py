@@ -11,6 +11,11 @@ the hash tag ``{<tenant>}``, so each script touches one Redis Cluster slot:
     <prefix>:v1:{<tenant>}:lease         hash    reservation id -> 'amount tokens minute'
     <prefix>:v1:{<tenant>}:rl            hash    'minute', 'requests', 'tokens'
     <prefix>:v1:{<tenant>}:ledger        stream  one entry per ledger row
+    <prefix>:v1:{<tenant>}:eu:<id>       hash    an end user's spend per period id,
+                                                 'reserved', 'live', 'balance', 'rl'
+    <prefix>:v1:{<tenant>}:eu-ledger:<id> stream the end user's copy of its rows
+    <prefix>:v1:{<tenant>}:top-ups       hash    top-up idempotency key -> 'end_user
+                                                 nanos row_id'
     <prefix>:v1:{<tenant>}:idem:<key>    hash    idempotency claim or stored response  TTL
     <prefix>:v1:{<scope>}:cache:<hash>   string  b'<expiry ms>:' + cached response     TTL
     <prefix>:v1:{<scope>}:flight:<hash>  string  single-flight lease expiry (ms)       TTL
@@ -62,6 +67,8 @@ from .base import (
     WINDOWS,
     Admission,
     AdmitResult,
+    EndUserState,
+    EndUserTerms,
     IdemBegin,
     LedgerPage,
     LedgerQuery,
@@ -70,6 +77,7 @@ from .base import (
     SettleResult,
     StateBackend,
     StateUnavailable,
+    TopUp,
     WindowState,
 )
 from .resp import RespClient
@@ -84,6 +92,8 @@ SCRIPTS = (
     "settle_v1",
     "extend_v1",
     "usage_v1",
+    "end_user_usage_v1",
+    "top_up_v1",
     "record_v1",
     "idem_begin_v1",
     "idem_finish_v1",
@@ -134,9 +144,9 @@ def lua_source(name: str) -> str:
 
 
 # -- ledger rows as stream entries ---------------------------------------------------------
-# Field order is fixed ('cost' and 'overrun' first, as settle_v1 writes them) so that
+# Field order is fixed ('cost', 'overrun', 'credit' first, as settle_v1 writes them) so that
 # consecutive entries share their field names and Redis stores those once per node.
-_MONEY_FIELDS = ("cost", "overrun")
+_MONEY_FIELDS = ("cost", "overrun", "credit")
 _ROW_TYPES = {f.name: str(f.type) for f in dataclasses.fields(LedgerRow)}
 _ROW_FIELDS = (*_MONEY_FIELDS, *(n for n in _ROW_TYPES if n not in _MONEY_FIELDS))
 
@@ -238,6 +248,22 @@ def _windows(b: BudgetLimits, now: int, spent: Sequence[Any], reserved: int) -> 
     ]
 
 
+def _end_user_args(eu: EndUserTerms | None) -> list[Any]:
+    """admit_v1's ARGV[18..25]: nothing but '' when there is no end user."""
+    if eu is None:
+        return [""]
+    lim = eu.limits
+    return [
+        eu.id, _opt(lim.rpm), _opt(lim.tpm), _opt(lim.concurrent), *_budget_args(eu.budgets),
+        "1" if eu.prepaid else "0",
+    ]  # fmt: skip
+
+
+def _end_user_state(budgets: BudgetLimits, now: int, r: Sequence[Any]) -> EndUserState:
+    """From a script's six trailing values: spent x3, reserved, requests in flight, balance."""
+    return EndUserState(_windows(budgets, now, r[0:3], int(r[3])), int(r[5]), int(r[4]))
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -291,6 +317,10 @@ class RedisState(StateBackend):
 
     def _money_keys(self, tenant: str) -> list[str]:
         return [self._key(k, tenant) for k in ("budget", "leases", "lease", "rl")]
+
+    def _end_user_keys(self, tenant: str, end_user: str) -> list[str]:
+        """The end user's hash and ledger stream (lib_leases derives the same names)."""
+        return [self._key("eu", tenant, end_user), self._key("eu-ledger", tenant, end_user)]
 
     def _scoped(self, kind: str, key: str) -> str:
         """A cache or flight key ('<tenant>:<hex>', 'shared:<hex>'). Each is used alone, so
@@ -409,15 +439,19 @@ class RedisState(StateBackend):
     async def admit(self, a: Admission) -> AdmitResult:
         lim, klim = a.limits, a.key_limits
         key = a.key if klim is not None else ""
+        keys = self._money_keys(a.tenant)
+        if a.end_user is not None:
+            keys.append(self._end_user_keys(a.tenant, a.end_user.id)[0])
         r = await self._script(
             "admit_v1",
-            self._money_keys(a.tenant),
+            keys,
             [
                 self._now_arg(), a.reservation_id, a.amount, a.tokens, a.lease_ms,
                 _opt(a.min_amount), "1" if a.count_request else "0",
                 _opt(lim.rpm), _opt(lim.tpm), _opt(lim.concurrent), *_budget_args(a.budgets),
                 key, *((_opt(klim.rpm), _opt(klim.tpm), _opt(klim.concurrent)) if klim else
                        ("", "", "")),
+                *_end_user_args(a.end_user),
             ],
         )  # fmt: skip
         ok, granted, now = bool(r[0]), int(r[1]), int(r[2])
@@ -438,21 +472,35 @@ class RedisState(StateBackend):
             rejected_by=by or None,  # type: ignore[arg-type]
             window=window or None,
             retry_after_ms=int(r[5]),
+            end_user=None
+            if a.end_user is None
+            else _end_user_state(a.end_user.budgets, now, r[15:21]),
         )
 
     async def settle(self, s: Settlement) -> SettleResult:
         await self._note_ledger(s.tenant)
+        keys = [*self._money_keys(s.tenant), self._key("ledger", s.tenant)]
+        eu = s.end_user
+        if eu is not None:
+            keys += self._end_user_keys(s.tenant, eu.id)
+            eu_args = [eu.id, *_budget_args(eu.budgets), "1" if eu.prepaid else "0"]
+        else:
+            eu_args = ["", "", "", "", "0"]
         r = await self._script(
             "settle_v1",
-            [*self._money_keys(s.tenant), self._key("ledger", s.tenant)],
+            keys,
             [
                 self._now_arg(), s.reservation_id, s.charge, s.tokens_delta,
-                *_budget_args(s.budgets), *encode_row(s.row, money=False),
+                *_budget_args(s.budgets), *eu_args, *encode_row(s.row, money=False),
             ],
         )  # fmt: skip
         charged, now = int(r[0]), int(r[2])
-        s.row.cost, s.row.overrun = charged, int(r[1])
-        return SettleResult(charged, _windows(s.budgets, now, r[3:6], int(r[6])))
+        s.row.cost, s.row.overrun, s.row.credit = charged, int(r[1]), int(r[8])
+        return SettleResult(
+            charged,
+            _windows(s.budgets, now, r[3:6], int(r[6])),
+            None if eu is None else _end_user_state(eu.budgets, now, r[9:15]),
+        )
 
     async def record(self, row: LedgerRow) -> None:
         await self._note_ledger(row.tenant)
@@ -469,6 +517,27 @@ class RedisState(StateBackend):
         r = await self._script("usage_v1", self._money_keys(tenant), [self._now_arg()])
         return _windows(budgets, int(r[0]), r[1:4], int(r[4]))
 
+    # -- end users ---------------------------------------------------------------------
+    async def end_user_usage(self, tenant: str, terms: EndUserTerms) -> EndUserState:
+        r = await self._script(
+            "end_user_usage_v1",
+            [*self._money_keys(tenant), self._end_user_keys(tenant, terms.id)[0]],
+            [self._now_arg()],
+        )
+        return _end_user_state(terms.budgets, int(r[0]), r[1:7])
+
+    async def top_up(self, tenant: str, key: str, row: LedgerRow) -> TopUp:
+        if row.credit <= 0 or not row.end_user:
+            raise ValueError("a top-up needs an end user and a positive amount")
+        await self._note_ledger(tenant)
+        eu, eu_ledger = self._end_user_keys(tenant, row.end_user)
+        r = await self._script(
+            "top_up_v1",
+            [eu, self._key("top-ups", tenant), self._key("ledger", tenant), eu_ledger],
+            [self._now_arg(), key, row.end_user, row.credit, row.id, *encode_row(row)],
+        )
+        return TopUp(_text(r[0]), _text(r[1]), int(r[2]))  # type: ignore[arg-type]
+
     # -- the ledger ----------------------------------------------------------------------
     async def ledger(self, q: LedgerQuery) -> LedgerPage:
         """Newest first in the order rows were written; each tenant's rows live in its own
@@ -477,7 +546,11 @@ class RedisState(StateBackend):
         if q.limit <= 0:
             return LedgerPage([], None)
         after = _decode_cursor(q.cursor) if q.cursor else None
-        if q.tenant is not None:
+        if q.end_user is not None:
+            if q.tenant is None:
+                raise ValueError("an end user's ledger needs its tenant")
+            tenants = [q.tenant]
+        elif q.tenant is not None:
             tenants = [q.tenant]
         else:
             members = await self._run("listing tenants", self._redis.smembers(self._key("tenants")))
@@ -490,7 +563,12 @@ class RedisState(StateBackend):
                 # cursor's still owes its rows at the cursor's own entry id.
                 end = after[0] if t < after[1] else "(" + after[0]
             batch = min(q.limit + 1, _LEDGER_BATCH_MAX)
-            readers.append(_Reader(t, self._key("ledger", t), end, batch))
+            stream = (
+                self._key("ledger", t)
+                if q.end_user is None
+                else self._end_user_keys(t, q.end_user)[1]
+            )
+            readers.append(_Reader(t, stream, end, batch))
         # Rows at or after since_ms were written at or after since_ms (less clock skew).
         floor = "-" if q.since_ms is None else str(max(q.since_ms - LEDGER_SKEW_MS, 0))
 

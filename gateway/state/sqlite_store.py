@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from .accounts import BALANCE
 from .base import LedgerPage, LedgerQuery, LedgerRow, StateUnavailable
 
 log = logging.getLogger("gateway.state")
@@ -48,6 +49,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     cost INTEGER NOT NULL,
     reserved INTEGER NOT NULL,
     overrun INTEGER NOT NULL,
+    credit INTEGER NOT NULL DEFAULT 0,
     cache TEXT NOT NULL,
     replay INTEGER NOT NULL,
     usage_source TEXT NOT NULL,
@@ -58,11 +60,28 @@ CREATE TABLE IF NOT EXISTS ledger (
 );
 CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts_ms, id);
 CREATE INDEX IF NOT EXISTS ledger_tenant_ts ON ledger (tenant, ts_ms, id);
+CREATE INDEX IF NOT EXISTS ledger_end_user_ts ON ledger (tenant, end_user, ts_ms, id)
+    WHERE end_user != '';
 CREATE TABLE IF NOT EXISTS spend (
     tenant TEXT NOT NULL,
     period TEXT NOT NULL,
     nanos INTEGER NOT NULL,
     PRIMARY KEY (tenant, period)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS end_user_spend (
+    tenant TEXT NOT NULL,
+    end_user TEXT NOT NULL,
+    period TEXT NOT NULL,  -- as in spend, and 'b': the balance of prepaid credits
+    nanos INTEGER NOT NULL,
+    PRIMARY KEY (tenant, end_user, period)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS top_ups (
+    tenant TEXT NOT NULL,
+    key TEXT NOT NULL,
+    end_user TEXT NOT NULL,
+    nanos INTEGER NOT NULL,
+    row_id TEXT NOT NULL,
+    PRIMARY KEY (tenant, key)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS idempotency (
     tenant TEXT NOT NULL,
@@ -95,6 +114,7 @@ COLUMNS = (
     "cost",
     "reserved",
     "overrun",
+    "credit",
     "cache",
     "replay",
     "usage_source",
@@ -111,6 +131,11 @@ _ADD_SPEND = (
     "INSERT INTO spend (tenant, period, nanos) VALUES (?, ?, ?) "
     "ON CONFLICT (tenant, period) DO UPDATE SET nanos = nanos + excluded.nanos"
 )
+_ADD_END_USER = (
+    "INSERT INTO end_user_spend (tenant, end_user, period, nanos) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (tenant, end_user, period) DO UPDATE SET nanos = nanos + excluded.nanos"
+)
+INSERT_TOP_UP = "INSERT INTO top_ups (tenant, key, end_user, nanos, row_id) VALUES (?, ?, ?, ?, ?)"
 
 
 def row_values(r: LedgerRow) -> tuple[Any, ...]:
@@ -135,6 +160,7 @@ def row_values(r: LedgerRow) -> tuple[Any, ...]:
         r.cost,
         r.reserved,
         r.overrun,
+        r.credit,
         r.cache,
         int(r.replay),
         r.usage_source,
@@ -161,9 +187,17 @@ class Write:
     done: Callable[[BaseException | None], None] | None = None
 
 
-def ledger_write(row: LedgerRow, spend: list[tuple[str, int]]) -> list[tuple[str, tuple[Any, ...]]]:
+def ledger_write(
+    row: LedgerRow, spend: list[tuple[str, int]], end_user: str = ""
+) -> list[tuple[str, tuple[Any, ...]]]:
+    """The row, the tenant's spend per period, and when ``end_user`` is set, the end
+    user's spend per period and its balance change (``row.credit``)."""
     stmts: list[tuple[str, tuple[Any, ...]]] = [(_INSERT_LEDGER, row_values(row))]
     stmts.extend((_ADD_SPEND, (row.tenant, p, n)) for p, n in spend if n)
+    if end_user:
+        stmts.extend((_ADD_END_USER, (row.tenant, end_user, p, n)) for p, n in spend if n)
+        if row.credit:
+            stmts.append((_ADD_END_USER, (row.tenant, end_user, BALANCE, row.credit)))
     return stmts
 
 
@@ -197,6 +231,7 @@ class SqliteStore:
             )
         else:
             conn = self._connect()
+        _migrate(conn)
         conn.executescript(SCHEMA)
         self._read = conn
         return conn
@@ -294,6 +329,9 @@ class SqliteStore:
         if q.tenant is not None:
             where.append("tenant = ?")
             params.append(q.tenant)
+        if q.end_user is not None:
+            where.append("end_user = ?")
+            params.append(q.end_user)
         if q.model is not None:
             where.append("model = ?")
             params.append(q.model)
@@ -327,6 +365,7 @@ def _apply(conn: sqlite3.Connection, batch: list[Write]) -> None:
     (tenant, period) once: one commit's worth of work, as little of it as possible."""
     rows: list[tuple[Any, ...]] = []
     spend: dict[tuple[str, str], int] = {}
+    end_users: dict[tuple[str, str, str], int] = {}
     other: list[tuple[str, tuple[Any, ...]]] = []
     for w in batch:
         for sql, params in w.statements:
@@ -335,14 +374,26 @@ def _apply(conn: sqlite3.Connection, batch: list[Write]) -> None:
             elif sql is _ADD_SPEND:
                 k = (params[0], params[1])
                 spend[k] = spend.get(k, 0) + params[2]
+            elif sql is _ADD_END_USER:
+                ek = (params[0], params[1], params[2])
+                end_users[ek] = end_users.get(ek, 0) + params[3]
             else:
                 other.append((sql, params))
     if rows:
         conn.executemany(_INSERT_LEDGER, rows)
     if spend:
         conn.executemany(_ADD_SPEND, [(t, p, n) for (t, p), n in spend.items()])
+    if end_users:
+        conn.executemany(_ADD_END_USER, [(*k, n) for k, n in end_users.items()])
     for sql, params in other:
         conn.execute(sql, params)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a ledger written by an earlier version up to this schema."""
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(ledger)").fetchall()}
+    if cols and "credit" not in cols:
+        conn.execute("ALTER TABLE ledger ADD COLUMN credit INTEGER NOT NULL DEFAULT 0")
 
 
 def _resolve_all(

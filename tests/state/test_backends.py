@@ -21,6 +21,7 @@ from gateway.config.snapshot import BudgetLimits
 from gateway.state.base import (
     Admission,
     AdmitResult,
+    EndUserTerms,
     LedgerQuery,
     LedgerRow,
     RateLimits,
@@ -50,6 +51,7 @@ def admission(
     count_request: bool = True,
     key: str = "",
     key_limits: RateLimits | None = None,
+    end_user: EndUserTerms | None = None,
 ) -> Admission:
     return Admission(
         tenant=tenant,
@@ -63,19 +65,13 @@ def admission(
         count_request=count_request,
         key=key,
         key_limits=key_limits,
+        end_user=end_user,
     )
 
 
 def ledger_row(rid: str, ts_ms: int, tenant: str = TENANT, **fields: object) -> LedgerRow:
-    return LedgerRow(
-        id=rid,
-        ts_ms=ts_ms,
-        tenant=tenant,
-        key_fp="kfp",
-        endpoint="chat",
-        requested_model="auto",
-        **fields,  # type: ignore[arg-type]
-    )
+    fields = {"key_fp": "kfp", "endpoint": "chat", "requested_model": "auto", **fields}
+    return LedgerRow(id=rid, ts_ms=ts_ms, tenant=tenant, **fields)  # type: ignore[arg-type]
 
 
 async def settle(

@@ -4,10 +4,12 @@
 --
 -- KEYS[1] budget  hash  spend per period id ('d20261126', 'm202611', 't'), 'reserved'
 -- KEYS[2] leases  zset  reservation id -> expiry (ms)
--- KEYS[3] lease   hash  reservation id -> 'amount tokens minute'
+-- KEYS[3] lease   hash  reservation id -> 'amount tokens minute[ k=<key>][ e=<eu>][ p]'
 -- KEYS[4] rl      hash  'minute', 'requests', 'tokens' of the current rate-limit minute;
 --                       per key with limits of its own: 'k:<key>' -> 'minute requests
 --                       tokens', 'c:<key>' -> requests in flight
+-- KEYS[5] eu      hash  the end user's (when there is one): spend per period id,
+--                       'reserved', 'live', 'balance', 'rl' -> 'minute requests tokens'
 -- ARGV[1] now (ms; '0': the Redis clock)     ARGV[2] reservation id
 -- ARGV[3] amount (nanos)  ARGV[4] tokens  ARGV[5] lease (ms)
 -- ARGV[6] min_amount (nanos; '': all or nothing)   ARGV[7] '1' to count the request
@@ -15,11 +17,16 @@
 --   '' means no limit
 -- ARGV[14] the key's fingerprint when the key has limits of its own, else ''
 -- ARGV[15..17] the key's rpm, tpm, concurrent ('' means no limit)
+-- ARGV[18] the end user's id, or '' (then KEYS[5] and ARGV[19..] are absent)
+-- ARGV[19..21] the end user's rpm, tpm, concurrent; ARGV[22..24] its daily, monthly,
+--   total budget; ARGV[25] '1' when it pays from prepaid credits
 -- Returns {ok (1/0), granted (nanos), now (ms), rejected_by ('' | 'rpm' | 'tpm' |
---   'concurrent' | 'key_rpm' | 'key_tpm' | 'key_concurrent' | 'budget'),
---   window ('' | 'daily' | 'monthly' | 'total'), retry_after (ms), spent daily,
---   spent monthly, spent total, reserved (nanos), rate-limit minute, requests, tokens,
---   the key's requests and tokens this minute}
+--   'concurrent' | 'key_rpm' | 'key_tpm' | 'key_concurrent' | 'end_user_rpm' |
+--   'end_user_tpm' | 'end_user_concurrent' | 'budget' | 'end_user_budget' | 'credits'),
+--   window ('' | 'daily' | 'monthly' | 'total' | 'balance'), retry_after (ms), spent
+--   daily, spent monthly, spent total, reserved (nanos), rate-limit minute, requests,
+--   tokens, the key's requests and tokens this minute, and for an end user: spent daily,
+--   monthly, total, reserved, requests in flight, balance (nanos)}
 
 local budget, leases, lease, rl = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = clock_ms(ARGV[1])
@@ -31,6 +38,7 @@ local rpm, tpm, concurrent = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV
 local limits = {tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])}
 local key = ARGV[14]
 local key_rpm, key_tpm, key_concurrent = tonumber(ARGV[15]), tonumber(ARGV[16]), tonumber(ARGV[17])
+local end_user = ARGV[18] or ''
 local WINDOWS = {'daily', 'monthly', 'total'}
 
 expire_leases(budget, leases, lease, rl, now)
@@ -55,9 +63,22 @@ if key ~= '' then
   end
 end
 
+local eu, st
+if end_user ~= '' then
+  eu = KEYS[5]
+  st = end_user_state(eu, ids, m)
+end
+
 local function reply(ok, granted, by, window, retry)
-  return {ok, granted, now, by, window, retry, spent[1], spent[2], spent[3], reserved,
+  local r = {ok, granted, now, by, window, retry, spent[1], spent[2], spent[3], reserved,
     m, requests, used, key_requests, key_used}
+  if st then
+    for _, v in ipairs({st.spent[1], st.spent[2], st.spent[3], st.reserved, st.live,
+        st.balance}) do
+      r[#r + 1] = v
+    end
+  end
+  return r
 end
 
 local until_next_minute = (m + 1) * MINUTE_MS - now
@@ -82,17 +103,44 @@ if key ~= '' then
     return reply(0, 0, 'key_concurrent', '', 1000)
   end
 end
+if st then
+  local eu_rpm, eu_tpm, eu_concurrent = tonumber(ARGV[19]), tonumber(ARGV[20]), tonumber(ARGV[21])
+  if count and eu_rpm and st.requests + 1 > eu_rpm then
+    return reply(0, 0, 'end_user_rpm', '', until_next_minute)
+  end
+  if eu_tpm and st.tokens + tokens > eu_tpm then
+    return reply(0, 0, 'end_user_tpm', '', until_next_minute)
+  end
+  if eu_concurrent and st.live + 1 > eu_concurrent then
+    return reply(0, 0, 'end_user_concurrent', '', 1000)
+  end
+end
 
-local granted = amount
+-- Every window that applies, the tenant's first: what fits all of them is granted.
+local rooms = {}
 for i = 1, 3 do
   if limits[i] then
-    local room = limits[i] - spent[i] - reserved
-    if granted > room then
-      if min_amount and room >= min_amount then
-        granted = room
-      else
-        return reply(0, 0, 'budget', WINDOWS[i], 0)
-      end
+    rooms[#rooms + 1] = {'budget', WINDOWS[i], limits[i] - spent[i] - reserved}
+  end
+end
+if st then
+  for i = 1, 3 do
+    local limit = tonumber(ARGV[21 + i])
+    if limit then
+      rooms[#rooms + 1] = {'end_user_budget', WINDOWS[i], limit - st.spent[i] - st.reserved}
+    end
+  end
+  if ARGV[25] == '1' then
+    rooms[#rooms + 1] = {'credits', 'balance', st.balance - st.reserved}
+  end
+end
+local granted = amount
+for _, r in ipairs(rooms) do
+  if granted > r[3] then
+    if min_amount and r[3] >= min_amount then
+      granted = r[3]
+    else
+      return reply(0, 0, r[1], r[2], 0)
     end
   end
 end
@@ -107,9 +155,9 @@ redis.call('HSET', rl, 'minute', int(m), 'requests', int(requests), 'tokens', in
 local old = redis.call('HGET', lease, id)
 local delta = granted
 if old then
-  local old_amount, _, _, old_key = lease_parse(old)
+  local old_amount, _, _, old_key, old_end_user = lease_parse(old)
   delta = granted - old_amount
-  key_done(rl, old_key)
+  lease_done(budget, rl, old_amount, old_key, old_end_user)
 end
 local held = int(granted) .. ' ' .. int(tokens) .. ' ' .. int(m)
 if key ~= '' then
@@ -119,7 +167,20 @@ if key ~= '' then
   key_used = key_used + tokens
   redis.call('HSET', rl, 'k:' .. key, int(m) .. ' ' .. int(key_requests) .. ' ' .. int(key_used))
   redis.call('HINCRBY', rl, 'c:' .. key, 1)
-  held = held .. ' ' .. key
+  held = held .. ' k=' .. key
+end
+if st then
+  if count then
+    st.requests = st.requests + 1
+  end
+  st.tokens = st.tokens + tokens
+  redis.call('HSET', eu, 'rl', int(m) .. ' ' .. int(st.requests) .. ' ' .. int(st.tokens))
+  st.live = redis.call('HINCRBY', eu, 'live', 1)
+  st.reserved = redis.call('HINCRBY', eu, 'reserved', int(granted))
+  held = held .. ' e=' .. end_user
+  if ARGV[25] == '1' then
+    held = held .. ' p'
+  end
 end
 redis.call('ZADD', leases, int(now + lease_ms), id)
 redis.call('HSET', lease, id, held)
