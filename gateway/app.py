@@ -9,6 +9,7 @@ from litestar import Litestar
 from litestar.types import ASGIApp
 
 from .api.auth import auth_middleware
+from .api.end_users import END_USER_ROUTES
 from .api.errors import EXCEPTION_HANDLERS
 from .api.proxy import ProxyFastPath, proxy_endpoint
 from .api.routes import ROUTES
@@ -40,7 +41,7 @@ def create_litestar(runtime: Runtime) -> Litestar:
             await runtime.stop()
 
     app = Litestar(
-        route_handlers=ROUTES,
+        route_handlers=[*ROUTES, *END_USER_ROUTES],
         middleware=[auth_middleware],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         lifespan=[lifespan],

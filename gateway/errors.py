@@ -78,8 +78,19 @@ def unauthorized(message: str) -> GatewayError:
     return GatewayError(401, message, type="authentication_error", code="invalid_api_key")
 
 
-def budget_exceeded(message: str) -> GatewayError:
-    return GatewayError(402, message, type="insufficient_quota", code="budget_exceeded")
+def budget_exceeded(
+    message: str, *, code: str = "budget_exceeded", scope: str = "tenant"
+) -> GatewayError:
+    """402. ``scope`` says whose money ran out: the tenant's or its end user's (also in the
+    ``x-gateway-budget-scope`` header, and as ``param`` 'user' for an end user's)."""
+    return GatewayError(
+        402,
+        message,
+        type="insufficient_quota",
+        code=code,
+        param="user" if scope == "end_user" else None,
+        headers={"x-gateway-budget-scope": scope},
+    )
 
 
 def model_not_allowed(message: str) -> GatewayError:

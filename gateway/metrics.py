@@ -76,6 +76,10 @@ USD_FROM_NANOS = {
         "gateway_cache_saved_usd",
         "Upstream cost avoided by cache hits, in USD.",
     ),
+    "gateway_credits_topped_up_nanodollars": (
+        "gateway_credits_topped_up_usd",
+        "Prepaid credits tenants added to their end users' balances, in USD.",
+    ),
 }
 
 
@@ -147,13 +151,15 @@ class Metrics:
         )
         self.budget_rejections = Counter(
             "gateway_budget_rejections",
-            "Requests rejected because a budget window was full.",
+            "Requests rejected because a budget window was full (window: daily, monthly, "
+            "total, or end_user_daily... and end_user_balance for an end user's).",
             ["tenant", "window"],
             registry=reg,
         )
         self.rate_limit_rejections = Counter(
             "gateway_rate_limit_rejections",
-            "Requests rejected by a tenant rate limit.",
+            "Requests rejected by a rate limit (limit: rpm, tpm, concurrent, and key_... or "
+            "end_user_... for a key's or an end user's own).",
             ["tenant", "limit"],
             registry=reg,
         )
@@ -210,6 +216,20 @@ class Metrics:
         self.internal_errors = Counter(
             "gateway_internal_errors",
             "Unexpected failures inside the gateway (bugs).",
+            registry=reg,
+        )
+        self.credits = Counter(
+            "gateway_credits_topped_up_nanodollars",
+            "Prepaid credits added to end users' balances, in nano-dollars (exact); see "
+            "gateway_credits_topped_up_usd_total.",
+            ["tenant"],
+            registry=reg,
+        )
+        self.api_errors = Counter(
+            "gateway_api_errors",
+            "Errors answered by the gateway's own endpoints (usage, end users, admin...), "
+            "by route template and status.",
+            ["route", "status"],
             registry=reg,
         )
         self.ledger_failures = Counter(
@@ -350,7 +370,7 @@ class Metrics:
         if ctx.replayed:
             self._child(self.replays, tenant).inc()
         if err is not None:
-            if err.code == "budget_exceeded":
+            if err.code in ("budget_exceeded", "insufficient_credits"):
                 window = ctx.reject_window or ""
                 self._child(self.budget_rejections, tenant, window).inc()
             elif err.code == "rate_limit_exceeded":
@@ -384,6 +404,13 @@ class Metrics:
 
     def internal_error(self) -> None:
         self.internal_errors.inc()
+
+    def credits_topped_up(self, tenant: str, nanos: int) -> None:
+        if nanos:
+            self._child(self.credits, tenant).inc(nanos)
+
+    def api_error(self, route: str, status: int) -> None:
+        self._child(self.api_errors, route, str(status)).inc()
 
     def ledger_failure(self) -> None:
         self.ledger_failures.inc()

@@ -25,6 +25,8 @@ def _respond(exc: GatewayError) -> Response[bytes]:
 
 
 def gateway_error(request: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
+    route = request.scope.get("path_template") or "unmatched"  # never the raw path
+    request.app.state.runtime.metrics.api_error(str(route), exc.status)
     return _respond(exc)
 
 

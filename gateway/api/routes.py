@@ -210,6 +210,7 @@ def ledger_row_json(r: LedgerRow) -> dict[str, Any]:
     d["cost_usd"] = nanos_to_usd(r.cost)
     d["reserved_usd"] = nanos_to_usd(r.reserved)
     d["overrun_usd"] = nanos_to_usd(r.overrun)
+    d["credit_usd"] = nanos_to_usd(r.credit)
     return d
 
 

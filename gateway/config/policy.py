@@ -58,6 +58,20 @@ class KeySpec(Strict):
     limits: Limits = Limits()
 
 
+class EndUsersPolicy(Strict):
+    """What applies to each of a tenant's own customers (end users, named on a call by
+    ``x-gateway-end-user`` or the ``user`` field), on top of the tenant's own budgets and
+    limits. ``prepaid``: calls are paid from the end user's balance of prepaid credits
+    (topped up through ``POST /v1/gateway/end-users/{id}/credits``); an end user with no
+    credits left is refused (402 ``insufficient_credits``)."""
+
+    budgets: Budgets = Budgets()
+    limits: Limits = Limits()
+    prepaid: bool = False
+    # Refuse calls that name no end user (400), e.g. when every call must be billed.
+    required: bool = False
+
+
 class TenantPolicy(Strict):
     keys: list[KeyHash | KeySpec] = Field(min_length=1)
     budgets: Budgets = Budgets()
@@ -69,6 +83,7 @@ class TenantPolicy(Strict):
     models: list[str] | None = None
     cache: CachePolicy = CachePolicy()
     downgrade: Downgrade | None = None
+    end_users: EndUsersPolicy = EndUsersPolicy()
 
 
 class Condition(Strict):

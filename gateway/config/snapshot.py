@@ -15,7 +15,7 @@ from pathlib import Path
 from ..money import usd_to_nanos
 from .catalog import Catalog
 from .errors import ConfigError, format_problem
-from .policy import CachePolicy, Condition, Downgrade, Limits, PolicyFile
+from .policy import Budgets, CachePolicy, Condition, Downgrade, Limits, PolicyFile
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +39,16 @@ class BudgetLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class EndUserDefaults:
+    """The tenant's ``end_users`` policy, compiled."""
+
+    budgets: BudgetLimits = field(default_factory=BudgetLimits)
+    limits: Limits = field(default_factory=Limits)
+    prepaid: bool = False
+    required: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Tenant:
     name: str
     budgets: BudgetLimits
@@ -49,6 +59,7 @@ class Tenant:
     clamp_min_tokens: int
     downgrade: Downgrade | None
     hit_charge: Decimal
+    end_users: EndUserDefaults = field(default_factory=EndUserDefaults)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +92,10 @@ class Policy:
 
 def _nanos(v: Decimal | None) -> int | None:
     return None if v is None else usd_to_nanos(v)
+
+
+def _budget_limits(b: Budgets) -> BudgetLimits:
+    return BudgetLimits(_nanos(b.daily_usd), _nanos(b.monthly_usd), _nanos(b.total_usd))
 
 
 def build_policy(files: list[tuple[Path, PolicyFile]], catalog: Catalog) -> Policy:
@@ -162,13 +177,10 @@ def build_policy(files: list[tuple[Path, PolicyFile]], catalog: Catalog) -> Poli
                                     f"unknown model {name!r}",
                                 )
                             )
+            eu = t.end_users
             tenant = Tenant(
                 name=tname,
-                budgets=BudgetLimits(
-                    daily=_nanos(t.budgets.daily_usd),
-                    monthly=_nanos(t.budgets.monthly_usd),
-                    total=_nanos(t.budgets.total_usd),
-                ),
+                budgets=_budget_limits(t.budgets),
                 limits=t.limits,
                 allowed=None if t.models is None else frozenset(t.models),
                 cache=t.cache,
@@ -176,6 +188,9 @@ def build_policy(files: list[tuple[Path, PolicyFile]], catalog: Catalog) -> Poli
                 clamp_min_tokens=t.clamp_min_tokens,
                 downgrade=t.downgrade,
                 hit_charge=t.cache.hit_charge,
+                end_users=EndUserDefaults(
+                    _budget_limits(eu.budgets), eu.limits, eu.prepaid, eu.required
+                ),
             )
             tenants[tname] = tenant
             for i, entry in enumerate(t.keys):

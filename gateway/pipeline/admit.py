@@ -10,9 +10,10 @@ are lowered to what fits."""
 from __future__ import annotations
 
 from ..config.catalog import Model
+from ..config.snapshot import Tenant
 from ..errors import GatewayError, bad_request, budget_exceeded, rate_limited, state_unavailable
 from ..money import nanos_to_usd
-from ..state.base import Admission, AdmitResult, RateLimits, StateUnavailable
+from ..state.base import Admission, AdmitResult, EndUserTerms, RateLimits, StateUnavailable
 from .context import RequestContext
 from .headers import rate_limit_headers
 from .route import requested_max_output
@@ -68,7 +69,8 @@ async def admit(
     if amount is None or tokens is None:
         amount, tokens, _ = worst_case(ctx)
     limits, klim = tenant.limits, ctx.key_limits
-    for tpm in (limits.tpm, klim.tpm if klim else None):
+    eu = end_user_terms(ctx)
+    for tpm in (limits.tpm, klim.tpm if klim else None, eu.limits.tpm if eu else None):
         if tpm is not None and tokens > tpm:
             raise bad_request(
                 f"This request needs up to {tokens} tokens (prompt plus max output), more than "
@@ -94,12 +96,14 @@ async def admit(
         min_amount=min_amount,
         key=ctx.key_fp,
         key_limits=None if klim is None else RateLimits(klim.rpm, klim.tpm, klim.concurrent),
+        end_user=eu,
     )
     try:
         res = await rt.state.admit(admission)
     except StateUnavailable as exc:
         raise state_unavailable(str(exc)) from None
     rt.note_windows(tenant.name, res.windows)
+    ctx.end_user_state = res.end_user
     if not res.ok:
         raise _rejection(ctx, res, amount)
     ctx.admission = res
@@ -109,6 +113,24 @@ async def admit(
     rt.leases.hold(tenant.name, ctx.request_id)
     if res.granted < amount:
         _clamp(ctx, res.granted)
+
+
+def end_user_terms_for(tenant: Tenant, end_user: str) -> EndUserTerms:
+    """What the tenant's ``end_users`` policy applies to ``end_user``."""
+    d = tenant.end_users
+    lim = d.limits
+    return EndUserTerms(
+        end_user, d.budgets, RateLimits(lim.rpm, lim.tpm, lim.concurrent), d.prepaid
+    )
+
+
+def end_user_terms(ctx: RequestContext) -> EndUserTerms | None:
+    """The terms of the call's end user, if it names one."""
+    if not ctx.end_user or ctx.tenant is None:
+        return None
+    if ctx.end_user_terms is None or ctx.end_user_terms.id != ctx.end_user:
+        ctx.end_user_terms = end_user_terms_for(ctx.tenant, ctx.end_user)
+    return ctx.end_user_terms
 
 
 def _clamp(ctx: RequestContext, granted: int) -> None:
@@ -123,29 +145,50 @@ def _clamp(ctx: RequestContext, granted: int) -> None:
 
 
 def _rejection(ctx: RequestContext, res: AdmitResult, amount: int) -> GatewayError:
-    if res.rejected_by == "budget":
-        ctx.reject_window = res.window
-        w = next(x for x in res.windows if x.window == res.window)
+    by = res.rejected_by or "rpm"
+    cost = f"this request may cost up to ${nanos_to_usd(amount)}"
+    if by == "credits":
+        ctx.reject_window = "end_user_balance"
+        eu = res.end_user
+        balance, held = (eu.balance, eu.windows[0].reserved) if eu else (0, 0)
+        return budget_exceeded(
+            f"Insufficient credits: {cost}, but end user {ctx.end_user!r} has a balance of "
+            f"${nanos_to_usd(balance)} with ${nanos_to_usd(held)} held by its requests in "
+            "flight. Top up its credits (POST /v1/gateway/end-users/{id}/credits) or lower "
+            "max_tokens.",
+            code="insufficient_credits",
+            scope="end_user",
+        )
+    if by in ("budget", "end_user_budget"):
+        of_end_user = by == "end_user_budget"
+        windows = res.end_user.windows if of_end_user and res.end_user else res.windows
+        w = next(x for x in windows if x.window == res.window)
+        ctx.reject_window = f"end_user_{w.window}" if of_end_user else w.window
+        whose = f"end user {ctx.end_user!r}'s" if of_end_user else "your"
         resets = "never (total budget)" if w.resets_at_ms is None else _iso(w.resets_at_ms)
         return budget_exceeded(
-            f"Budget exceeded: this request may cost up to ${nanos_to_usd(amount)}, but your "
-            f"{w.window} budget of ${nanos_to_usd(w.limit or 0)} has ${nanos_to_usd(w.spent)} "
+            f"Budget exceeded: {cost}, but {whose} {w.window} budget of "
+            f"${nanos_to_usd(w.limit or 0)} has ${nanos_to_usd(w.spent)} "
             f"spent and ${nanos_to_usd(w.reserved)} reserved by requests in flight "
             f"(${nanos_to_usd(w.remaining or 0)} left). It resets {resets}. "
-            "Lower max_tokens, use a cheaper model, or ask your operator to raise the budget."
+            "Lower max_tokens, use a cheaper model, or ask your operator to raise the budget.",
+            scope="end_user" if of_end_user else "tenant",
         )
-    by = res.rejected_by or "rpm"
     ctx.reject_limit = by
-    limits = (ctx.key_limits if by.startswith("key_") else None) or (
-        ctx.tenant.limits if ctx.tenant else None
-    )
-    kind = by.removeprefix("key_")
+    tenant = ctx.tenant
+    if by.startswith("key_"):
+        limits, who = ctx.key_limits, "this key is"
+    elif by.startswith("end_user_"):
+        limits = tenant.end_users.limits if tenant else None
+        who = f"end user {ctx.end_user!r} is"
+    else:
+        limits, who = (tenant.limits if tenant else None), f"tenant {ctx.tenant_name!r} is"
+    kind = by.removeprefix("key_").removeprefix("end_user_")
     what = {
         "rpm": f"{limits.rpm if limits else '?'} requests per minute",
         "tpm": f"{limits.tpm if limits else '?'} tokens per minute",
         "concurrent": f"{limits.concurrent if limits else '?'} concurrent requests",
     }[kind]
-    who = "this key is" if by.startswith("key_") else f"tenant {ctx.tenant_name!r} is"
     retry = res.retry_after_ms / 1000
     return rate_limited(
         f"Rate limit reached: {who} limited to {what}. Retry after {retry:.1f}s.",

@@ -14,7 +14,7 @@ from ..config.catalog import Model
 from ..config.policy import Limits
 from ..config.snapshot import Policy, Tenant
 from ..errors import GatewayError
-from ..state.base import AdmitResult, LedgerRow, WindowState
+from ..state.base import AdmitResult, EndUserState, EndUserTerms, LedgerRow, WindowState
 from ..tokens import PromptInfo
 
 if TYPE_CHECKING:
@@ -125,6 +125,8 @@ class RequestContext:
     include_usage: bool = False
     requested_max: int | None = None  # max output tokens the client asked for, per choice
     end_user: str = ""
+    end_user_terms: EndUserTerms | None = None  # set at admission when end_user is
+    end_user_state: EndUserState | None = None  # after admission, then after settlement
     task: str | None = None
 
     prompt: PromptInfo | None = None
@@ -136,8 +138,10 @@ class RequestContext:
     admission: AdmitResult | None = None
     admitted_tokens: int = 0
     clamped_to: int | None = None
-    reject_window: str | None = None  # the budget window that rejected the request
-    reject_limit: str | None = None  # the rate limit that rejected it (rpm, tpm, concurrent)
+    # The budget window that rejected the request ('daily'..., 'end_user_daily'...,
+    # 'end_user_balance'), or the rate limit ('rpm', 'key_tpm', 'end_user_concurrent'...).
+    reject_window: str | None = None
+    reject_limit: str | None = None
 
     cache_key: str | None = None
     cache_status: str = "off"

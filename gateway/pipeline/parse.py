@@ -5,6 +5,7 @@ max tokens, n); everything else is the upstream's to judge, and passes through."
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -41,13 +42,14 @@ async def parse(ctx: RequestContext) -> None:
     else:
         _embeddings(body)
 
-    user = body.get("user")
-    end_user = ctx.headers.get(b"x-gateway-end-user")
-    ctx.end_user = (
-        end_user.decode("utf-8", "replace")[:256]
-        if end_user
-        else (user[:256] if isinstance(user, str) else "")
-    )
+    ctx.end_user = end_user_of(ctx.headers.get(b"x-gateway-end-user"), body.get("user"))
+    if not ctx.end_user and ctx.tenant is not None and ctx.tenant.end_users.required:
+        raise bad_request(
+            "This tenant bills every call to an end user: name one with the "
+            "x-gateway-end-user header or the 'user' field.",
+            param="user",
+            code="end_user_required",
+        )
     task = ctx.headers.get(b"x-gateway-task")
     meta = body.get("metadata")
     if task:
@@ -104,3 +106,31 @@ def _embeddings(body: dict[str, Any]) -> None:
         "'input' must be a string, an array of strings, or an array of token arrays.",
         param="input",
     )
+
+
+END_USER_ID = re.compile(r"[A-Za-z0-9._:@+=-]{1,128}")
+END_USER_RULE = "1 to 128 characters: letters, digits and . _ : @ + = -"
+
+
+def valid_end_user(value: str) -> bool:
+    return END_USER_ID.fullmatch(value) is not None
+
+
+def end_user_of(header: bytes | None, user: object) -> str:
+    """The end user a call names: the x-gateway-end-user header, else OpenAI's ``user``
+    field; '' if neither. A malformed id is refused rather than guessed at."""
+    if header:
+        value, param = header.decode("utf-8", "replace"), "x-gateway-end-user"
+    elif user is None or user == "":
+        return ""
+    elif isinstance(user, str):
+        value, param = user, "user"
+    else:
+        raise bad_request("'user' must be a string.", param="user", code="invalid_end_user")
+    if not valid_end_user(value):
+        raise bad_request(
+            f"Invalid end user id {value[:64]!r} in {param}: an end user id is {END_USER_RULE}.",
+            param=param,
+            code="invalid_end_user",
+        )
+    return value

@@ -83,6 +83,7 @@ async def settle(ctx: RequestContext) -> None:
                 tokens_delta=used_tokens - ctx.admitted_tokens,
                 budgets=tenant.budgets,
                 row=row,
+                end_user=ctx.end_user_terms,
             )
         )
     except StateUnavailable as exc:
@@ -92,4 +93,6 @@ async def settle(ctx: RequestContext) -> None:
         rt.leases.release(tenant.name, ctx.reservation_id)
     ctx.charged = res.charged
     ctx.windows = res.windows
+    if res.end_user is not None:
+        ctx.end_user_state = res.end_user
     rt.note_windows(tenant.name, res.windows)

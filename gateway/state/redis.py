@@ -504,9 +504,10 @@ class RedisState(StateBackend):
 
     async def record(self, row: LedgerRow) -> None:
         await self._note_ledger(row.tenant)
-        await self._script(
-            "record_v1", [self._key("ledger", row.tenant)], [self._now_arg(), *encode_row(row)]
-        )
+        keys = [self._key("ledger", row.tenant)]
+        if row.end_user:
+            keys.append(self._end_user_keys(row.tenant, row.end_user)[1])
+        await self._script("record_v1", keys, [self._now_arg(), *encode_row(row)])
 
     async def extend(self, tenant: str, reservation_ids: list[str], lease_ms: int) -> None:
         if reservation_ids:

@@ -1,7 +1,8 @@
 -- record_v1: append a ledger row for a request that reserved nothing; touches no money.
 -- requires: lib_windows, lib_ledger
 --
--- KEYS[1] ledger  stream of ledger rows
+-- KEYS[1] ledger     stream of ledger rows
+-- KEYS[2] eu ledger  stream of the row's end user, if it names one (else absent)
 -- ARGV[1] now (ms; '0': the Redis clock)   ARGV[2..] the row as field, value, ...
 -- Returns the ledger entry id.
 
@@ -10,4 +11,8 @@ local row = {}
 for i = 2, #ARGV do
   row[#row + 1] = ARGV[i]
 end
-return ledger_append(KEYS[1], now, row)
+local entry = ledger_append(KEYS[1], now, row)
+if KEYS[2] then
+  redis.call('XADD', KEYS[2], entry, unpack(row))
+end
+return entry
