@@ -301,3 +301,29 @@ def test_end_user_rate_limits_name_the_end_user(make_gateway: Callable[..., Gate
         client.chat.completions.create(model="mock-chat", messages=MSG, user="eve")
     assert "end user 'eve' is limited to 2 requests per minute" in str(exc.value.body)
     client.chat.completions.create(model="mock-chat", messages=MSG, user="frank")
+
+
+def test_a_cut_stream_costs_the_end_user_what_it_consumed(
+    make_gateway: Callable[..., Gateway], fake: FakeUpstream
+) -> None:
+    gw = make_gateway(
+        gateway_config(fake.base_url), {"p": policy({"t1": tenant("key-1", **PREPAID)})}
+    )
+    top_up(gw, "cust-9", "1.00", "k")
+    with pytest.raises(openai.APIError):
+        list(
+            gw.client("key-1").chat.completions.create(
+                model="cheap",
+                messages=MSG,
+                stream=True,
+                user="cust-9",
+                extra_body=directive(tokens=30, disconnect_after=10),
+            )
+        )
+    rows = end_user_ledger(gw, "cust-9")
+    cut = next(r for r in rows if r["endpoint"] != "credits")
+    assert cut["status"] >= 500 and cut["usage_source"] == "counted"
+    assert 0 < cut["cost"] < cut["reserved"] and cut["credit"] == -cut["cost"]
+    info = end_user(gw, "cust-9")
+    assert nanos(info["balance_usd"]) == 10**9 - cut["cost"]
+    assert info["held_usd"] == "0.000000000"

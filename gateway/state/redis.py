@@ -13,7 +13,7 @@ the hash tag ``{<tenant>}``, so each script touches one Redis Cluster slot:
     <prefix>:v1:{<tenant>}:ledger        stream  one entry per ledger row
     <prefix>:v1:{<tenant>}:eu:<id>       hash    an end user's spend per period id,
                                                  'reserved', 'live', 'balance', 'rl'
-    <prefix>:v1:{<tenant>}:eu-ledger:<id> stream the end user's copy of its rows
+    <prefix>:v1:{<tenant>}:eu-ledger:<id> list  ids of the end user's ledger entries
     <prefix>:v1:{<tenant>}:top-ups       hash    top-up idempotency key -> 'end_user
                                                  nanos row_id'
     <prefix>:v1:{<tenant>}:idem:<key>    hash    idempotency claim or stored response  TTL
@@ -319,7 +319,7 @@ class RedisState(StateBackend):
         return [self._key(k, tenant) for k in ("budget", "leases", "lease", "rl")]
 
     def _end_user_keys(self, tenant: str, end_user: str) -> list[str]:
-        """The end user's hash and ledger stream (lib_leases derives the same names)."""
+        """The end user's hash and ledger id list (lib_leases derives the same names)."""
         return [self._key("eu", tenant, end_user), self._key("eu-ledger", tenant, end_user)]
 
     def _scoped(self, kind: str, key: str) -> str:
@@ -544,14 +544,12 @@ class RedisState(StateBackend):
         """Newest first in the order rows were written; each tenant's rows live in its own
         stream, merged here. The cursor is a stream position, so pages stay consistent
         while rows are added."""
+        if q.end_user is not None:
+            return await self._end_user_ledger(q)
         if q.limit <= 0:
             return LedgerPage([], None)
         after = _decode_cursor(q.cursor) if q.cursor else None
-        if q.end_user is not None:
-            if q.tenant is None:
-                raise ValueError("an end user's ledger needs its tenant")
-            tenants = [q.tenant]
-        elif q.tenant is not None:
+        if q.tenant is not None:
             tenants = [q.tenant]
         else:
             members = await self._run("listing tenants", self._redis.smembers(self._key("tenants")))
@@ -564,12 +562,7 @@ class RedisState(StateBackend):
                 # cursor's still owes its rows at the cursor's own entry id.
                 end = after[0] if t < after[1] else "(" + after[0]
             batch = min(q.limit + 1, _LEDGER_BATCH_MAX)
-            stream = (
-                self._key("ledger", t)
-                if q.end_user is None
-                else self._end_user_keys(t, q.end_user)[1]
-            )
-            readers.append(_Reader(t, stream, end, batch))
+            readers.append(_Reader(t, self._key("ledger", t), end, batch))
         # Rows at or after since_ms were written at or after since_ms (less clock skew).
         floor = "-" if q.since_ms is None else str(max(q.since_ms - LEDGER_SKEW_MS, 0))
 
@@ -621,6 +614,37 @@ class RedisState(StateBackend):
         out = out[: q.limit]
         cursor = _encode_cursor(out[-1][0], out[-1][1]) if more else None
         return LedgerPage([row for _, _, row in out], cursor)
+
+    async def _end_user_ledger(self, q: LedgerQuery) -> LedgerPage:
+        """An end user's rows, newest first: its list holds the ids of its entries in the
+        tenant's stream, oldest first and only appended to, so a position in it is a
+        stable cursor. Only ``limit`` and ``cursor`` apply (no other filter)."""
+        if q.tenant is None or q.end_user is None:
+            raise ValueError("an end user's ledger needs its tenant")
+        ids_key = self._end_user_keys(q.tenant, q.end_user)[1]
+        if q.cursor:
+            try:
+                top = int(base64.urlsafe_b64decode(q.cursor.encode()).decode().removeprefix("eu "))
+            except (ValueError, binascii.Error, UnicodeError):
+                raise ValueError("invalid ledger cursor") from None
+        else:
+            top = int(await self._run("reading the ledger", self._redis.llen(ids_key))) - 1
+        if top < 0 or q.limit <= 0:
+            return LedgerPage([], None)
+        low = max(top - q.limit + 1, 0)
+        ids: list[Any] = await self._run(
+            "reading the ledger", self._redis.lrange(ids_key, low, top)
+        )
+        stream = self._key("ledger", q.tenant)
+        async with self._redis.pipeline(transaction=False) as p:
+            for entry_id in reversed(ids):
+                p.xrange(stream, entry_id, entry_id, count=1)
+            found = await self._run("reading the ledger", p.execute())
+        rows = [decode_row(entries[0][1]) for entries in found if entries]
+        cursor = None
+        if low > 0:
+            cursor = base64.urlsafe_b64encode(f"eu {low - 1}".encode()).decode()
+        return LedgerPage(rows, cursor)
 
     # -- idempotency -------------------------------------------------------------------
     async def idem_begin(self, tenant: str, key: str, fingerprint: str, lease_ms: int) -> IdemBegin:

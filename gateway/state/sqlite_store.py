@@ -15,6 +15,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +220,9 @@ class SqliteStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.sync}")
         conn.execute("PRAGMA busy_timeout=5000")
+        # 64 MB of page cache (the default is 2 MB): spend rows of many tenants and end
+        # users are updated at random places, and a miss is a read from disk.
+        conn.execute("PRAGMA cache_size=-65536")
         return conn
 
     def open(self) -> sqlite3.Connection:
@@ -317,8 +321,17 @@ class SqliteStore:
     # -- reads (a separate connection; WAL lets them run beside the writer) -------------
     def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         assert self._read is not None
+        deadline = time.monotonic() + 5
         with self._read_lock:
-            return self._read.execute(sql, params).fetchall()
+            while True:
+                try:
+                    return self._read.execute(sql, params).fetchall()
+                except sqlite3.OperationalError as exc:
+                    # An in-memory database (shared cache) locks whole tables while the
+                    # writer commits, and busy_timeout does not apply: wait a little.
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.002)
 
     async def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         return await asyncio.to_thread(self._query, sql, params)

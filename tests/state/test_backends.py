@@ -747,9 +747,10 @@ async def test_money_keys_never_expire_and_share_the_tenant_slot(
     s, p, t = redis_backend, redis_backend.prefix, "acme:eu"
     b = BudgetLimits(daily=10_000)
     await s.admit(admission("r1", 100, tenant=t, tokens=5, budgets=b, limits=RateLimits(rpm=9)))
-    await s.admit(admission("r2", 100, tenant=t, budgets=b))
+    await s.admit(admission("r2", 100, tenant=t, budgets=b, end_user=EndUserTerms("u{1}")))
     await s.settle(Settlement(t, "r1", 50, 0, b, ledger_row("r1", 0, t)))
     await s.record(ledger_row("r3", 0, t))
+    await s.top_up(t, "top-up-1", ledger_row("r4", 0, t, end_user="u{1}", credit=5))
     await s.idem_begin(t, "user-key-{1}", "fp", 5_000)
     await s.cache_put(f"{t}:{'ab' * 32}", b"v", 5_000)
     await s.flight_begin(f"{t}:{'ab' * 32}", 5_000)
@@ -763,6 +764,9 @@ async def test_money_keys_never_expire_and_share_the_tenant_slot(
         f"{tag}:lease": ("hash", -1),
         f"{tag}:rl": ("hash", -1),
         f"{tag}:ledger": ("stream", -1),
+        f"{tag}:eu:u{{1}}": ("hash", -1),
+        f"{tag}:eu-ledger:u{{1}}": ("list", -1),
+        f"{tag}:top-ups": ("hash", -1),
         f"{tag}:idem:user-key-{{1}}": ("hash", keys[f"{tag}:idem:user-key-{{1}}"][1]),
         cache: ("string", keys[cache][1]),
         flight: ("string", keys[flight][1]),

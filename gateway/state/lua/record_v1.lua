@@ -2,7 +2,7 @@
 -- requires: lib_windows, lib_ledger
 --
 -- KEYS[1] ledger     stream of ledger rows
--- KEYS[2] eu ledger  stream of the row's end user, if it names one (else absent)
+-- KEYS[2] eu ledger  list of the row's end user's entry ids, if it names one (else absent)
 -- ARGV[1] now (ms; '0': the Redis clock)   ARGV[2..] the row as field, value, ...
 -- Returns the ledger entry id.
 
@@ -13,6 +13,6 @@ for i = 2, #ARGV do
 end
 local entry = ledger_append(KEYS[1], now, row)
 if KEYS[2] then
-  redis.call('XADD', KEYS[2], entry, unpack(row))
+  redis.call('RPUSH', KEYS[2], entry)
 end
 return entry

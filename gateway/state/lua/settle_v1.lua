@@ -9,7 +9,7 @@
 --                       and per key 'k:<key>' -> 'minute requests tokens', 'c:<key>'
 -- KEYS[5] ledger  stream of ledger rows
 -- KEYS[6] eu      hash    the end user's, when there is one (see admit_v1)
--- KEYS[7] eu ledger stream  the end user's copy of its rows
+-- KEYS[7] eu ledger list    ids of the end user's entries in the ledger stream
 -- ARGV[1] now (ms; '0': the Redis clock)     ARGV[2] reservation id
 -- ARGV[3] charge: the actual cost (nanos)     ARGV[4] actual minus admitted tokens
 -- ARGV[5..7] daily, monthly, total budget (nanos; '': no limit)
@@ -142,7 +142,7 @@ end
 local entry = ledger_append(ledger, now, row)
 local out = {charged, overrun, now, spent[1], spent[2], spent[3], reserved, entry, credit}
 if eu then
-  redis.call('XADD', end_user_ledger_key(budget, end_user), entry, unpack(row))
+  redis.call('RPUSH', end_user_ledger_key(budget, end_user), entry)
   local st = end_user_state(eu, ids, m)
   for _, v in ipairs({st.spent[1], st.spent[2], st.spent[3], st.reserved, st.live,
       st.balance}) do

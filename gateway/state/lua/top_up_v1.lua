@@ -6,7 +6,7 @@
 -- KEYS[2] top-ups    hash    idempotency key -> 'end_user nanos row_id' (kept: a retried
 --                            top-up is recognised however late it comes)
 -- KEYS[3] ledger     stream  the tenant's ledger rows
--- KEYS[4] eu ledger  stream  the end user's copy of its rows
+-- KEYS[4] eu ledger  list    ids of the end user's entries in the ledger stream
 -- ARGV[1] now (ms; '0': the Redis clock)   ARGV[2] idempotency key   ARGV[3] end user
 -- ARGV[4] amount (nanos, > 0)   ARGV[5] the row's id   ARGV[6..] the row: field, value, ...
 -- Returns {'applied' | 'replayed' | 'mismatch', row id, balance (nanos)}
@@ -29,5 +29,5 @@ for i = 6, #ARGV do
   row[#row + 1] = ARGV[i]
 end
 local entry = ledger_append(ledger, now, row)
-redis.call('XADD', eu_ledger, entry, unpack(row))
+redis.call('RPUSH', eu_ledger, entry)
 return {'applied', row_id, balance}
