@@ -13,8 +13,6 @@ from ..config.snapshot import BudgetLimits
 from .base import Admission, AdmitResult, EndUserState, EndUserTerms, RateState, WindowState
 from .windows import MINUTE_MS, minute, period, resets_at
 
-BALANCE = "b"  # the period id under which durable storage keeps an end user's balance
-
 
 @dataclass(slots=True)
 class Charge:
@@ -100,13 +98,13 @@ class Accounts:
             e = b.end_users[end_user] = EndUserBook()
         return e
 
-    def load_end_user(self, tenant: str, end_user: str, period_id: str, nanos: int) -> None:
-        """Rebuild from durable storage at start: spend per period, or the balance ('b')."""
+    def load_end_user(
+        self, tenant: str, end_user: str, spent: dict[str, int], balance: int
+    ) -> None:
+        """Rebuild from durable storage at start: spend per period id, and the balance."""
         e = self.end_user_book(tenant, end_user)
-        if period_id == BALANCE:
-            e.balance = nanos
-        else:
-            e.spent[period_id] = nanos
+        e.spent = {p: n for p, n in spent.items() if p}
+        e.balance = balance
 
     # -- leases ------------------------------------------------------------------------
     @staticmethod

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config.snapshot import BudgetLimits
-from .accounts import BALANCE, Accounts
+from .accounts import Accounts
 from .base import (
     Admission,
     AdmitResult,
@@ -30,7 +30,6 @@ from .base import (
     WindowState,
 )
 from .sqlite_store import INSERT_TOP_UP, SqliteStore, ledger_write
-from .windows import period
 
 _IDEM_UPSERT = (
     "INSERT OR REPLACE INTO idempotency (tenant, key, fingerprint, record, expires_ms) "
@@ -116,16 +115,16 @@ class EmbeddedState(StateBackend):
         now = self.clock.now_ms()
         for tenant, p, nanos in rows:
             self.accounts.load_spent(tenant, p, nanos)
-        current = (period("daily", now), period("monthly", now), "t", BALANCE)
         eu_rows = await asyncio.to_thread(
             lambda: conn.execute(
-                "SELECT tenant, end_user, period, nanos FROM end_user_spend "
-                f"WHERE period IN ({', '.join('?' for _ in current)})",
-                current,
+                "SELECT tenant, end_user, day, day_nanos, month, month_nanos, total_nanos, "
+                "balance FROM end_users"
             ).fetchall()
         )
-        for tenant, end_user, p, nanos in eu_rows:
-            self.accounts.load_end_user(tenant, end_user, p, nanos)
+        for tenant, end_user, day, day_n, month, month_n, total, balance in eu_rows:
+            self.accounts.load_end_user(
+                tenant, end_user, {day: day_n, month: month_n, "t": total}, balance
+            )
         idem = await asyncio.to_thread(
             lambda: conn.execute(
                 "SELECT tenant, key, fingerprint, record, expires_ms FROM idempotency "

@@ -23,7 +23,6 @@ from typing import Any
 
 import orjson
 
-from .accounts import BALANCE
 from .base import LedgerPage, LedgerQuery, LedgerRow, StateUnavailable
 
 log = logging.getLogger("gateway.state")
@@ -69,12 +68,18 @@ CREATE TABLE IF NOT EXISTS spend (
     nanos INTEGER NOT NULL,
     PRIMARY KEY (tenant, period)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS end_user_spend (
+CREATE TABLE IF NOT EXISTS end_users (
+    -- one row per end user (one write per call however many there are): spend in its
+    -- current day and month, in total, and its balance of prepaid credits
     tenant TEXT NOT NULL,
     end_user TEXT NOT NULL,
-    period TEXT NOT NULL,  -- as in spend, and 'b': the balance of prepaid credits
-    nanos INTEGER NOT NULL,
-    PRIMARY KEY (tenant, end_user, period)
+    day TEXT NOT NULL,
+    day_nanos INTEGER NOT NULL,
+    month TEXT NOT NULL,
+    month_nanos INTEGER NOT NULL,
+    total_nanos INTEGER NOT NULL,
+    balance INTEGER NOT NULL,
+    PRIMARY KEY (tenant, end_user)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS top_ups (
     tenant TEXT NOT NULL,
@@ -133,8 +138,16 @@ _ADD_SPEND = (
     "ON CONFLICT (tenant, period) DO UPDATE SET nanos = nanos + excluded.nanos"
 )
 _ADD_END_USER = (
-    "INSERT INTO end_user_spend (tenant, end_user, period, nanos) VALUES (?, ?, ?, ?) "
-    "ON CONFLICT (tenant, end_user, period) DO UPDATE SET nanos = nanos + excluded.nanos"
+    "INSERT INTO end_users (tenant, end_user, day, day_nanos, month, month_nanos, "
+    "total_nanos, balance) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (tenant, end_user) DO UPDATE SET "
+    "day_nanos = CASE WHEN excluded.day = '' THEN day_nanos WHEN excluded.day = day "
+    "THEN day_nanos + excluded.day_nanos ELSE excluded.day_nanos END, "
+    "day = CASE WHEN excluded.day = '' THEN day ELSE excluded.day END, "
+    "month_nanos = CASE WHEN excluded.month = '' THEN month_nanos WHEN excluded.month = month "
+    "THEN month_nanos + excluded.month_nanos ELSE excluded.month_nanos END, "
+    "month = CASE WHEN excluded.month = '' THEN month ELSE excluded.month END, "
+    "total_nanos = total_nanos + excluded.total_nanos, balance = balance + excluded.balance"
 )
 INSERT_TOP_UP = "INSERT INTO top_ups (tenant, key, end_user, nanos, row_id) VALUES (?, ?, ?, ?, ?)"
 
@@ -196,9 +209,13 @@ def ledger_write(
     stmts: list[tuple[str, tuple[Any, ...]]] = [(_INSERT_LEDGER, row_values(row))]
     stmts.extend((_ADD_SPEND, (row.tenant, p, n)) for p, n in spend if n)
     if end_user:
-        stmts.extend((_ADD_END_USER, (row.tenant, end_user, p, n)) for p, n in spend if n)
-        if row.credit:
-            stmts.append((_ADD_END_USER, (row.tenant, end_user, BALANCE, row.credit)))
+        charged = {p[0]: (p, n) for p, n in spend if n}  # 'd2026…', 'm2026…', 't'
+        day, day_n = charged.get("d", ("", 0))
+        month, month_n = charged.get("m", ("", 0))
+        total = charged.get("t", ("", 0))[1]
+        if day_n or month_n or total or row.credit:
+            values = (row.tenant, end_user, day, day_n, month, month_n, total, row.credit)
+            stmts.append((_ADD_END_USER, values))
     return stmts
 
 
@@ -378,7 +395,7 @@ def _apply(conn: sqlite3.Connection, batch: list[Write]) -> None:
     (tenant, period) once: one commit's worth of work, as little of it as possible."""
     rows: list[tuple[Any, ...]] = []
     spend: dict[tuple[str, str], int] = {}
-    end_users: dict[tuple[str, str, str], int] = {}
+    end_users: dict[tuple[Any, ...], tuple[int, int, int, int]] = {}
     other: list[tuple[str, tuple[Any, ...]]] = []
     for w in batch:
         for sql, params in w.statements:
@@ -388,8 +405,9 @@ def _apply(conn: sqlite3.Connection, batch: list[Write]) -> None:
                 k = (params[0], params[1])
                 spend[k] = spend.get(k, 0) + params[2]
             elif sql is _ADD_END_USER:
-                ek = (params[0], params[1], params[2])
-                end_users[ek] = end_users.get(ek, 0) + params[3]
+                ek = params[:3] + params[4:5]  # tenant, end user, day, month
+                d, m, t, b = end_users.get(ek, (0, 0, 0, 0))
+                end_users[ek] = (d + params[3], m + params[5], t + params[6], b + params[7])
             else:
                 other.append((sql, params))
     if rows:
@@ -397,7 +415,11 @@ def _apply(conn: sqlite3.Connection, batch: list[Write]) -> None:
     if spend:
         conn.executemany(_ADD_SPEND, [(t, p, n) for (t, p), n in spend.items()])
     if end_users:
-        conn.executemany(_ADD_END_USER, [(*k, n) for k, n in end_users.items()])
+        conn.executemany(
+            _ADD_END_USER,
+            [(t, u, day, d, month, m, total, b) for (t, u, day, month), (d, m, total, b)
+             in end_users.items()],
+        )  # fmt: skip
     for sql, params in other:
         conn.execute(sql, params)
 

@@ -35,6 +35,7 @@ from gateway.clock import ManualClock
 from gateway.config.snapshot import BudgetLimits
 from gateway.state.base import (
     Admission,
+    EndUserTerms,
     LedgerQuery,
     LedgerRow,
     RateLimits,
@@ -50,6 +51,12 @@ LEASE = 10_000
 # Start a few days before a year ends, so daily, monthly and yearly rollovers all happen.
 START = utc_ms(2026, 12, 29, 22, 0, 0)
 BUDGETS = BudgetLimits(daily=5_000, monthly=12_000, total=20_000)
+# End users for the lockstep machine: one with a budget and limits, one paying from credits.
+END_USERS = {
+    "": None,
+    "ua": EndUserTerms("ua", BudgetLimits(daily=3_000), RateLimits(rpm=4, concurrent=2)),
+    "ub": EndUserTerms("ub", BudgetLimits(), RateLimits(tpm=3_000), prepaid=True),
+}
 ADVANCES = [1, 999, LEASE // 2, LEASE, MINUTE_MS, 6 * 3_600_000, DAY_MS]
 
 SETTINGS = settings(
@@ -238,6 +245,7 @@ class LockstepMachine(AsyncMachine):
         self.embedded = self.open("embedded")
         self.redis = self.open("redis")
         self.n = 0
+        self.end_user: dict[str, EndUserTerms | None] = {}
 
     def both(self, call: Any) -> Any:
         a = self.run(call(self.embedded))
@@ -253,28 +261,54 @@ class LockstepMachine(AsyncMachine):
         count=st.booleans(),
         lease=st.sampled_from([1_000, LEASE, 10 * MINUTE_MS]),
         key=st.sampled_from(["", "ka", "kb"]),
+        end_user=st.sampled_from(sorted(END_USERS)),
     )
     def admit(
-        self, amount: int, tokens: int, clamp: bool, count: bool, lease: int, key: str
+        self,
+        amount: int,
+        tokens: int,
+        clamp: bool,
+        count: bool,
+        lease: int,
+        key: str,
+        end_user: str,
     ) -> Any:
         self.n += 1
         rid = f"r{self.n}"
+        eu = self.end_user[rid] = END_USERS[end_user]
         a = Admission(TENANT, rid, amount, tokens, BUDGETS, RateLimits(rpm=5, tpm=4_000,
                       concurrent=4), lease, amount // 3 if clamp else None, count, key,
-                      RateLimits(rpm=3, tpm=2_500, concurrent=2) if key else None)  # fmt: skip
+                      RateLimits(rpm=3, tpm=2_500, concurrent=2) if key else None,
+                      eu)  # fmt: skip
         res = self.both(lambda s: s.admit(a))
         event(f"admit: {res.rejected_by or ('clamped' if res.granted < amount else 'ok')}")
         return rid if res.ok else multiple()
 
     @rule(rid=consumes(leases), actual=st.integers(-10, 12_000), delta=st.integers(-3_000, 500))
     def settle(self, rid: str, actual: int, delta: int) -> None:
+        eu = self.end_user.pop(rid)
         rows = [row_for(rid, self.now()) for _ in range(2)]
+        for row in rows:
+            row.end_user = eu.id if eu else ""
         results = [
-            self.run(s.settle(Settlement(TENANT, rid, actual, delta, BUDGETS, row)))
+            self.run(s.settle(Settlement(TENANT, rid, actual, delta, BUDGETS, row, eu)))
             for s, row in zip((self.embedded, self.redis), rows, strict=True)
         ]
         assert results[0] == results[1]
         assert rows[0] == rows[1]
+
+    @rule(amount=st.integers(1, 6_000))
+    def top_up(self, amount: int) -> None:
+        self.n += 1
+        key = f"t{self.n % 4}"  # some keys repeat: replayed or mismatched
+
+        def row() -> LedgerRow:
+            r = row_for(f"t{self.n}", self.now())
+            r.end_user, r.credit, r.endpoint = "ub", amount, "credits"
+            return r
+
+        res = self.both(lambda s: s.top_up(TENANT, key, row()))
+        event(f"top-up: {res.state}")
 
     def now(self) -> int:
         return self.clock.now_ms()
@@ -291,6 +325,10 @@ class LockstepMachine(AsyncMachine):
     @invariant()
     def same_usage(self) -> None:
         self.both(lambda s: s.usage(TENANT, BUDGETS))
+        for eu in END_USERS.values():
+            if eu is not None:
+                st_ = self.both(lambda s, eu=eu: s.end_user_usage(TENANT, eu))
+                assert st_.balance >= 0 or not eu.prepaid
 
 
 TestEmbeddedBudget = BudgetMachine.TestCase
