@@ -273,7 +273,8 @@ def chat_template(
 ) -> bytes:
     """A chat request body with one ``%d`` (the request number) and a random run id in its
     prompt, so that a cache never hits, and ``temperature: 0``, so that a deterministic
-    cache looks it up and stores the answer (a real miss, not a bypass)."""
+    cache looks it up and stores the answer (a real miss, not a bypass). It names an end
+    user (``user``), so the end user's budget and limits are enforced too."""
     filler = ("Summarise the trade-offs of caching LLM answers in a gateway. " * 64)[
         : max(prompt_bytes - 20, 0)
     ]
@@ -284,6 +285,7 @@ def chat_template(
             {"role": "user", "content": "@@N@@ " + filler},
         ],
         "temperature": 0,
+        "user": "bench-customer",  # an end user of the tenant (see services.py)
     }
     if max_tokens is not None:
         body["max_tokens"] = max_tokens

@@ -146,6 +146,12 @@ def write_gateway_config(directory: Path, upstream_url: str, state: str, prefix:
                 "budgets": {"daily_usd": 1_000_000, "monthly_usd": 2_000_000},
                 "limits": {"rpm": 100_000_000, "tpm": 10_000_000_000, "concurrent": 100_000},
                 "cache": {"mode": "deterministic", "ttl_seconds": 3600},
+                # every request names an end user (loadgen's bodies): its own budget and
+                # limits are checked and its spend kept, as a SaaS's customer's would be
+                "end_users": {
+                    "budgets": {"daily_usd": 1_000_000},
+                    "limits": {"rpm": 100_000_000, "concurrent": 100_000},
+                },
             }
         },
     }
