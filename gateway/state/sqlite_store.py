@@ -237,9 +237,6 @@ class SqliteStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.sync}")
         conn.execute("PRAGMA busy_timeout=5000")
-        # 64 MB of page cache (the default is 2 MB): spend rows of many tenants and end
-        # users are updated at random places, and a miss is a read from disk.
-        conn.execute("PRAGMA cache_size=-65536")
         return conn
 
     def open(self) -> sqlite3.Connection:
