@@ -10,7 +10,15 @@ import heapq
 from dataclasses import dataclass, field
 
 from ..config.snapshot import BudgetLimits
-from .base import Admission, AdmitResult, EndUserState, EndUserTerms, RateState, WindowState
+from .base import (
+    Admission,
+    AdmitResult,
+    EndUserState,
+    EndUserTerms,
+    RateLimits,
+    RateState,
+    WindowState,
+)
 from .windows import MINUTE_MS, minute, period, resets_at
 
 
@@ -224,30 +232,23 @@ class Accounts:
                 else self.end_user_state(e, eu.budgets, now),
             )
 
-        if a.count_request and lim.rpm is not None and b.rl_requests + 1 > lim.rpm:
-            return result(False, by="rpm", retry_ms=until_next_minute)
-        if lim.tpm is not None and b.rl_tokens + a.tokens > lim.tpm:
-            return result(False, by="tpm", retry_ms=until_next_minute)
-        if lim.concurrent is not None and len(b.leases) + 1 > lim.concurrent:
-            return result(False, by="concurrent", retry_ms=1000)
+        # Rate limits: the tenant's, then the key's own, then the end user's.
         kc = self._key_counts(b, a, m)
+        scopes: list[tuple[str, RateLimits, int, int, int]] = [
+            ("", lim, b.rl_requests, b.rl_tokens, len(b.leases))
+        ]
         if kc is not None:
-            klim = a.key_limits
-            assert klim is not None
-            if a.count_request and klim.rpm is not None and kc.requests + 1 > klim.rpm:
-                return result(False, by="key_rpm", retry_ms=until_next_minute)
-            if klim.tpm is not None and kc.tokens + a.tokens > klim.tpm:
-                return result(False, by="key_tpm", retry_ms=until_next_minute)
-            if klim.concurrent is not None and kc.live + 1 > klim.concurrent:
-                return result(False, by="key_concurrent", retry_ms=1000)
+            assert a.key_limits is not None
+            scopes.append(("key_", a.key_limits, kc.requests, kc.tokens, kc.live))
         if e is not None and eu is not None:
-            elim = eu.limits
-            if a.count_request and elim.rpm is not None and e.rl_requests + 1 > elim.rpm:
-                return result(False, by="end_user_rpm", retry_ms=until_next_minute)
-            if elim.tpm is not None and e.rl_tokens + a.tokens > elim.tpm:
-                return result(False, by="end_user_tpm", retry_ms=until_next_minute)
-            if elim.concurrent is not None and e.live + 1 > elim.concurrent:
-                return result(False, by="end_user_concurrent", retry_ms=1000)
+            scopes.append(("end_user_", eu.limits, e.rl_requests, e.rl_tokens, e.live))
+        for scope, sl, requests, tokens, live in scopes:
+            if a.count_request and sl.rpm is not None and requests + 1 > sl.rpm:
+                return result(False, by=scope + "rpm", retry_ms=until_next_minute)
+            if sl.tpm is not None and tokens + a.tokens > sl.tpm:
+                return result(False, by=scope + "tpm", retry_ms=until_next_minute)
+            if sl.concurrent is not None and live + 1 > sl.concurrent:
+                return result(False, by=scope + "concurrent", retry_ms=1000)
 
         # Every window that applies, the tenant's first: what fits all of them is granted.
         rooms: list[tuple[str, str, int]] = [

@@ -72,47 +72,36 @@ end
 local function reply(ok, granted, by, window, retry)
   local r = {ok, granted, now, by, window, retry, spent[1], spent[2], spent[3], reserved,
     m, requests, used, key_requests, key_used}
-  if st then
-    for _, v in ipairs({st.spent[1], st.spent[2], st.spent[3], st.reserved, st.live,
-        st.balance}) do
-      r[#r + 1] = v
-    end
-  end
-  return r
+  return append_end_user_state(r, st)
 end
 
+-- Rate limits: the tenant's, then the key's own, then the end user's. The requests in
+-- flight are looked up only where a concurrency limit is set.
 local until_next_minute = (m + 1) * MINUTE_MS - now
-if count and rpm and requests + 1 > rpm then
-  return reply(0, 0, 'rpm', '', until_next_minute)
-end
-if tpm and used + tokens > tpm then
-  return reply(0, 0, 'tpm', '', until_next_minute)
-end
-if concurrent and redis.call('ZCARD', leases) + 1 > concurrent then
-  return reply(0, 0, 'concurrent', '', 1000)
-end
+-- (Named fields: a limit that is not set is nil, which a positional table cannot hold.)
+local scopes = {
+  {scope = '', rpm = rpm, tpm = tpm, concurrent = concurrent, requests = requests,
+    used = used, live = function() return redis.call('ZCARD', leases) end},
+}
 if key ~= '' then
-  if count and key_rpm and key_requests + 1 > key_rpm then
-    return reply(0, 0, 'key_rpm', '', until_next_minute)
-  end
-  if key_tpm and key_used + tokens > key_tpm then
-    return reply(0, 0, 'key_tpm', '', until_next_minute)
-  end
-  local live = tonumber(redis.call('HGET', rl, 'c:' .. key)) or 0
-  if key_concurrent and live + 1 > key_concurrent then
-    return reply(0, 0, 'key_concurrent', '', 1000)
-  end
+  scopes[#scopes + 1] = {scope = 'key_', rpm = key_rpm, tpm = key_tpm,
+    concurrent = key_concurrent, requests = key_requests, used = key_used,
+    live = function() return tonumber(redis.call('HGET', rl, 'c:' .. key)) or 0 end}
 end
 if st then
-  local eu_rpm, eu_tpm, eu_concurrent = tonumber(ARGV[19]), tonumber(ARGV[20]), tonumber(ARGV[21])
-  if count and eu_rpm and st.requests + 1 > eu_rpm then
-    return reply(0, 0, 'end_user_rpm', '', until_next_minute)
+  scopes[#scopes + 1] = {scope = 'end_user_', rpm = tonumber(ARGV[19]),
+    tpm = tonumber(ARGV[20]), concurrent = tonumber(ARGV[21]), requests = st.requests,
+    used = st.tokens, live = function() return st.live end}
+end
+for _, sc in ipairs(scopes) do
+  if count and sc.rpm and sc.requests + 1 > sc.rpm then
+    return reply(0, 0, sc.scope .. 'rpm', '', until_next_minute)
   end
-  if eu_tpm and st.tokens + tokens > eu_tpm then
-    return reply(0, 0, 'end_user_tpm', '', until_next_minute)
+  if sc.tpm and sc.used + tokens > sc.tpm then
+    return reply(0, 0, sc.scope .. 'tpm', '', until_next_minute)
   end
-  if eu_concurrent and st.live + 1 > eu_concurrent then
-    return reply(0, 0, 'end_user_concurrent', '', 1000)
+  if sc.concurrent and sc.live() + 1 > sc.concurrent then
+    return reply(0, 0, sc.scope .. 'concurrent', '', 1000)
   end
 end
 

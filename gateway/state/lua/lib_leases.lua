@@ -100,3 +100,15 @@ local function end_user_state(eu, ids, m)
   end
   return st
 end
+
+-- A script's reply ends with an end user's state, when there is one: spent daily,
+-- monthly, total, reserved, requests in flight, balance.
+local function append_end_user_state(out, st)
+  if st then
+    for _, v in ipairs({st.spent[1], st.spent[2], st.spent[3], st.reserved, st.live,
+        st.balance}) do
+      out[#out + 1] = v
+    end
+  end
+  return out
+end

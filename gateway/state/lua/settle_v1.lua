@@ -143,10 +143,6 @@ local entry = ledger_append(ledger, now, row)
 local out = {charged, overrun, now, spent[1], spent[2], spent[3], reserved, entry, credit}
 if eu then
   redis.call('RPUSH', end_user_ledger_key(budget, end_user), entry)
-  local st = end_user_state(eu, ids, m)
-  for _, v in ipairs({st.spent[1], st.spent[2], st.spent[3], st.reserved, st.live,
-      st.balance}) do
-    out[#out + 1] = v
-  end
+  append_end_user_state(out, end_user_state(eu, ids, m))
 end
 return out
