@@ -154,8 +154,8 @@ def _rejection(ctx: RequestContext, res: AdmitResult, amount: int) -> GatewayErr
         return budget_exceeded(
             f"Insufficient credits: {cost}, but end user {ctx.end_user!r} has a balance of "
             f"${nanos_to_usd(balance)} with ${nanos_to_usd(held)} held by its requests in "
-            "flight. Top up its credits (POST /v1/gateway/end-users/{id}/credits) or lower "
-            "max_tokens.",
+            f"flight. Top up its credits (POST /v1/gateway/end-users/{ctx.end_user}/credits) "
+            "or lower max_tokens.",
             code="insufficient_credits",
             scope="end_user",
         )
