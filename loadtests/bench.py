@@ -166,20 +166,24 @@ def run_wrk(
     return out
 
 
+def fixed_load(gw: Service, stream: bool, concurrency: int, requests: int) -> LoadSpec:
+    """A fixed number of chat requests through the gateway."""
+    return LoadSpec(
+        url=gw.url + CHAT,
+        concurrency=concurrency,
+        body=chat_body(FAST_MODEL, stream=stream),
+        stream=stream,
+        headers=AUTH,
+        requests=requests,
+    )
+
+
 async def leak_check(gw: Service, up: Service) -> dict[str, Any]:
     """RSS after 10k requests (half streams) and after 100k."""
 
     async def batch(n: int) -> None:
         for stream in (False, True):
-            spec = LoadSpec(
-                url=gw.url + CHAT,
-                concurrency=50,
-                body=chat_body(FAST_MODEL, stream=stream),
-                stream=stream,
-                headers=AUTH,
-                requests=n // 2,
-            )
-            res = await run_load(spec)
+            res = await run_load(fixed_load(gw, stream, 50, n // 2))
             if res.errors:
                 print(f"  leak check: {res.errors} errors {res.statuses}", file=sys.stderr)
 
@@ -204,15 +208,7 @@ async def redis_trips(gw: Service, prefix: str, n: int = 200) -> dict[str, Any]:
     for stream in (False, True):
         mon = Monitor(REDIS_URL, prefix)
         mon.start()
-        spec = LoadSpec(
-            url=gw.url + CHAT,
-            concurrency=1,
-            body=chat_body(FAST_MODEL, stream=stream),
-            stream=stream,
-            headers=AUTH,
-            requests=n,
-        )
-        res = await run_load(spec)
+        res = await run_load(fixed_load(gw, stream, 1, n))
         await asyncio.sleep(0.5)
         trips = mon.stop()
         done = res.requests + res.errors

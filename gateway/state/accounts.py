@@ -45,7 +45,8 @@ class Lease:
 
 @dataclass(slots=True)
 class KeyCounts:
-    """A key's own rate-limit minute and requests in flight."""
+    """Rate-limit counts of a scope inside a tenant (a key with limits of its own, or an
+    end user): requests and tokens of its current minute, and requests in flight."""
 
     minute: int = -1
     requests: int = 0
@@ -59,11 +60,8 @@ class EndUserBook:
 
     spent: dict[str, int] = field(default_factory=dict)  # period id -> nanos
     reserved: int = 0
-    live: int = 0  # requests in flight
     balance: int = 0  # prepaid credits: top-ups minus prepaid charges
-    rl_minute: int = -1
-    rl_requests: int = 0
-    rl_tokens: int = 0
+    counts: KeyCounts = field(default_factory=KeyCounts)
 
 
 @dataclass(slots=True)
@@ -145,7 +143,7 @@ class Accounts:
                 del b.keys[lease.key]  # nothing in flight, nothing counted this minute
         e = b.end_users.get(lease.end_user) if lease.end_user else None
         if e is not None:
-            e.live -= 1
+            e.counts.live -= 1
             e.reserved -= lease.amount
 
     # -- windows -----------------------------------------------------------------------
@@ -172,7 +170,7 @@ class Accounts:
             WindowState(w, limit, e.spent.get(period(w, now), 0), e.reserved, resets_at(w, now))
             for w, limit in _limits(budgets)
         ]
-        return EndUserState(windows, e.balance, e.live)
+        return EndUserState(windows, e.balance, e.counts.live)
 
     def end_user_usage(self, tenant: str, terms: EndUserTerms, now: int) -> EndUserState:
         b = self.book(tenant)
@@ -213,8 +211,9 @@ class Accounts:
         until_next_minute = (m + 1) * MINUTE_MS - now
         eu = a.end_user
         e = self.end_user_book(a.tenant, eu.id) if eu is not None else None
-        if e is not None and e.rl_minute != m:
-            e.rl_minute, e.rl_requests, e.rl_tokens = m, 0, 0
+        ec = e.counts if e is not None else None
+        if ec is not None and ec.minute != m:
+            ec.minute, ec.requests, ec.tokens = m, 0, 0
 
         def result(ok: bool, granted: int = 0, by: str | None = None, window: str | None = None,
                    retry_ms: int = 0) -> AdmitResult:  # fmt: skip
@@ -237,11 +236,14 @@ class Accounts:
         scopes: list[tuple[str, RateLimits, int, int, int]] = [
             ("", lim, b.rl_requests, b.rl_tokens, len(b.leases))
         ]
+        own: list[KeyCounts] = []  # the key's and the end user's counts, if any
         if kc is not None:
             assert a.key_limits is not None
             scopes.append(("key_", a.key_limits, kc.requests, kc.tokens, kc.live))
-        if e is not None and eu is not None:
-            scopes.append(("end_user_", eu.limits, e.rl_requests, e.rl_tokens, e.live))
+            own.append(kc)
+        if ec is not None and eu is not None:
+            scopes.append(("end_user_", eu.limits, ec.requests, ec.tokens, ec.live))
+            own.append(ec)
         for scope, sl, requests, tokens, live in scopes:
             if a.count_request and sl.rpm is not None and requests + 1 > sl.rpm:
                 return result(False, by=scope + "rpm", retry_ms=until_next_minute)
@@ -279,16 +281,12 @@ class Accounts:
         if old is not None:  # the same id again replaces its lease (as admit_v1.lua does)
             b.reserved -= old.amount
             self._lease_done(b, old)
-        if kc is not None:
+        for c in own:
             if a.count_request:
-                kc.requests += 1
-            kc.tokens += a.tokens
-            kc.live += 1
+                c.requests += 1
+            c.tokens += a.tokens
+            c.live += 1
         if e is not None:
-            if a.count_request:
-                e.rl_requests += 1
-            e.rl_tokens += a.tokens
-            e.live += 1
             e.reserved += granted
         lease = Lease(
             granted,
@@ -332,11 +330,10 @@ class Accounts:
             if lease.minute == m == b.rl_minute:
                 b.rl_tokens = max(b.rl_tokens + tokens_delta, 0)
             kc = b.keys.get(lease.key) if lease.key else None
-            if kc is not None and lease.minute == m == kc.minute:
-                kc.tokens = max(kc.tokens + tokens_delta, 0)
             eb = b.end_users.get(lease.end_user) if lease.end_user else None
-            if eb is not None and lease.minute == m == eb.rl_minute:
-                eb.rl_tokens = max(eb.rl_tokens + tokens_delta, 0)
+            for c in (kc, eb.counts if eb is not None else None):
+                if c is not None and lease.minute == m == c.minute:
+                    c.tokens = max(c.tokens + tokens_delta, 0)
             self._lease_done(b, lease)
             eu_id, prepaid = lease.end_user, lease.prepaid
         else:

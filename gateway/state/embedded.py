@@ -170,8 +170,9 @@ class EmbeddedState(StateBackend):
             s.row.cost = s.row.credit = 0
             raise
         eu = None
-        if s.end_user is not None:
-            eu = self.accounts.end_user_usage(s.tenant, s.end_user, now)
+        if s.end_user is not None:  # (the settlement just expired the lapsed leases)
+            book = self.accounts.end_user_book(s.tenant, s.end_user.id)
+            eu = self.accounts.end_user_state(book, s.end_user.budgets, now)
         return SettleResult(c.charged, self.accounts.usage(s.tenant, s.budgets, now), eu)
 
     async def record(self, row: LedgerRow) -> None:
