@@ -15,7 +15,7 @@ from .logs import AccessLog
 from .metrics import Metrics
 from .policy_store import PolicyStore
 from .state import StateBackend, StateUnavailable, WindowState, open_state
-from .tokens import TokenCounter
+from .tokens import TokenCounter, encodings_for
 from .upstream import Upstream, build_upstreams
 from .upstream.breaker import Breakers
 from .upstream.capacity import Capacity
@@ -40,7 +40,10 @@ class Runtime:
         self.clock = clock
         self.metrics = Metrics()
         self.policies = PolicyStore(config, self.metrics, policy)
-        self.tokens = TokenCounter(cfg.tokenizer.cache_dir)
+        self.tokens = TokenCounter(
+            cfg.tokenizer.cache_dir,
+            encodings_for((m.upstream_model, m.encoding) for m in self.catalog.models.values()),
+        )
         self.state = state if state is not None else open_state(cfg.state, cfg, clock)
         self.upstreams: dict[str, Upstream] = build_upstreams(cfg.providers, self.tokens)
         self.lease_ms = cfg.reservations.lease_seconds * 1000

@@ -80,9 +80,14 @@ def estimate_from_text(text: str) -> int:
 class TokenCounter:
     """Counts tokens with tiktoken when an encoding has loaded, else estimates."""
 
-    def __init__(self, cache_dir: str | None = None) -> None:
+    def __init__(self, cache_dir: str | None = None, encodings: Iterable[str] = ()) -> None:
+        """``encodings``: the names to load (those the catalog's models use); all the
+        known ones when empty. Each costs memory for good (o200k_base about 50 MB,
+        cl100k_base about 25 MB), so a catalog of o200k models never loads cl100k."""
         self._cache_dir = cache_dir
+        self._wanted = tuple(dict.fromkeys(encodings)) or _KNOWN_ENCODINGS
         self._encodings: dict[str, Any] = {}
+        self._fallback: Any | None = None
         self._loaded = threading.Event()
         self._failed: str | None = None
         self._name_cache: dict[str, str] = {}
@@ -93,18 +98,29 @@ class TokenCounter:
         """Load the known encodings; on failure remember why (never raises)."""
         if self._cache_dir:
             os.environ.setdefault("TIKTOKEN_CACHE_DIR", self._cache_dir)
+        failures: list[str] = []
         try:
             import tiktoken
 
-            for name in _KNOWN_ENCODINGS:
-                enc = tiktoken.get_encoding(name)
+            for name in self._wanted:
+                try:
+                    enc = tiktoken.get_encoding(name)
+                except Exception as exc:  # network, file, unknown name: estimate instead
+                    failures.append(f"{name}: {type(exc).__name__}: {exc}"[:300])
+                    continue
                 # The ranks live on in the Rust encoder; the Python copy (37 MB for both
                 # encodings) only serves pickling, which the gateway never does.
                 enc._mergeable_ranks = {}
                 self._encodings[name] = enc
-        except Exception as exc:  # any failure (network, file, import) means "estimate"
-            self._failed = f"{type(exc).__name__}: {exc}"[:300]
+            # A model whose encoding did not load counts with one that did: closer than
+            # the estimate from text size.
+            self._fallback = self._encodings.get(_DEFAULT_ENCODING) or next(
+                iter(self._encodings.values()), None
+            )
+        except Exception as exc:  # tiktoken itself cannot be imported
+            failures.append(f"{type(exc).__name__}: {exc}"[:300])
         finally:
+            self._failed = "; ".join(failures) or None
             self._loaded.set()
 
     async def load(self, timeout: float) -> None:
@@ -120,7 +136,7 @@ class TokenCounter:
                 "TIKTOKEN_CACHE_DIR to a folder holding the encoding files.",
                 timeout,
             )
-        elif self._failed:
+        elif self._failed and not self._encodings:
             log.warning(
                 "tiktoken encodings could not be loaded (%s); prompt tokens are estimated "
                 "from text size (%d bytes per token). Set tokenizer.cache_dir or "
@@ -128,6 +144,15 @@ class TokenCounter:
                 self._failed,
                 BYTES_PER_TOKEN_ESTIMATE,
             )
+        elif self._failed:
+            log.warning(
+                "some tiktoken encodings could not be loaded (%s); models configured with "
+                "them count prompt tokens with %s instead.",
+                self._failed,
+                ", ".join(self._encodings),
+            )
+        else:
+            log.info("tiktoken encodings loaded: %s", ", ".join(self._encodings))
 
     @property
     def exact(self) -> bool:
@@ -141,7 +166,7 @@ class TokenCounter:
         if name is None:
             name = _encoding_name_for(model_name)
             self._name_cache[model_name] = name
-        return self._encodings.get(name) or self._encodings.get(_DEFAULT_ENCODING)
+        return self._encodings.get(name) or self._fallback
 
     def count_text(self, text: str, model_name: str = "", encoding: str | None = None) -> int:
         if not text:
@@ -251,6 +276,12 @@ def _collect_content(value: Any, texts: list[str]) -> int:
             else:
                 texts.append(orjson.dumps(part).decode())
     return images
+
+
+def encodings_for(models: Iterable[tuple[str, str | None]]) -> list[str]:
+    """The encodings a catalog needs, from its models' (upstream name, configured
+    encoding) pairs."""
+    return [configured or _encoding_name_for(name) for name, configured in models]
 
 
 def _encoding_name_for(model_name: str) -> str:

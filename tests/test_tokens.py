@@ -15,6 +15,7 @@ from gateway.tokens import (
     REMEMBER_CHARS,
     SizedMemo,
     TokenCounter,
+    encodings_for,
     estimate_from_text,
 )
 
@@ -94,3 +95,23 @@ def test_the_gateway_starts_without_any_encoding(tmp_path: Path) -> None:
     text = log.read_text()
     assert "tiktoken encodings could not be loaded" in text or "did not load within" in text
     assert "TIKTOKEN_CACHE_DIR" in text
+
+
+def test_only_the_catalogs_encodings_are_loaded() -> None:
+    names = encodings_for([("gpt-4o-mini", None), ("gpt-4", None), ("custom", "o200k_base")])
+    assert names == ["o200k_base", "cl100k_base", "o200k_base"]
+    counter = TokenCounter(encodings=encodings_for([("gpt-4o-mini", None)]))
+    counter.load_blocking()
+    assert list(counter._encodings) == ["o200k_base"]
+    # a model of an encoding that was not loaded counts with one that was
+    o200k = tiktoken.get_encoding("o200k_base")
+    assert counter.count_text("hello world, again", "gpt-4") == len(
+        o200k.encode_ordinary("hello world, again")
+    )
+
+
+def test_an_encoding_that_cannot_load_leaves_the_others() -> None:
+    counter = TokenCounter(encodings=["no_such_encoding", "o200k_base"])
+    counter.load_blocking()
+    assert counter.exact and list(counter._encodings) == ["o200k_base"]
+    assert counter._failed is not None and "no_such_encoding" in counter._failed
