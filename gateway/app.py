@@ -13,6 +13,7 @@ from .api.end_users import END_USER_ROUTES
 from .api.errors import EXCEPTION_HANDLERS
 from .api.proxy import ProxyFastPath, proxy_endpoint
 from .api.routes import ROUTES
+from .gctune import tune_after_startup
 from .runtime import Runtime
 
 PROXIED = {
@@ -21,9 +22,11 @@ PROXIED = {
 }
 
 
-def create_app(runtime: Runtime) -> ASGIApp:
-    """The Litestar app, with the proxied endpoints dispatched in front of it."""
-    litestar = create_litestar(runtime)
+def create_app(runtime: Runtime, *, tune_gc: bool = False) -> ASGIApp:
+    """The Litestar app, with the proxied endpoints dispatched in front of it.
+    ``tune_gc``: set the garbage collector for serving once started (see gctune); only
+    for a process that does nothing but serve."""
+    litestar = create_litestar(runtime, tune_gc)
     routes = {
         path: proxy_endpoint(runtime, path, endpoint, upstream)
         for path, (endpoint, upstream) in PROXIED.items()
@@ -31,10 +34,12 @@ def create_app(runtime: Runtime) -> ASGIApp:
     return ProxyFastPath(litestar, routes)
 
 
-def create_litestar(runtime: Runtime) -> Litestar:
+def create_litestar(runtime: Runtime, tune_gc: bool = False) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await runtime.start()
+        if tune_gc:
+            tune_after_startup()
         try:
             yield
         finally:

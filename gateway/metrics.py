@@ -19,7 +19,9 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -316,6 +318,11 @@ class Metrics:
         self._pending_windows: dict[str, list[WindowState]] = {}
         self._exposed = CollectorRegistry(auto_describe=True)
         self._exposed.register(UsdFromNanos(self.registry))
+        if not self.multiprocess:  # (neither works across processes)
+            # process_resident_memory_bytes, process_cpu_seconds_total, ...
+            ProcessCollector(registry=self._exposed)
+            # python_gc_collections_total, python_gc_objects_collected_total, ...
+            GCCollector(registry=self._exposed)
 
     # -- exposition ----------------------------------------------------------------------
     def exposition(self) -> bytes:

@@ -44,7 +44,7 @@ def worker_app() -> ASGIApp:
     """App factory for worker processes (``--workers > 1``): config from the environment."""
     loaded = load_config(os.environ[CONFIG_ENV])
     setup_logging(loaded.gateway.logging)
-    return create_app(Runtime(loaded))
+    return create_app(Runtime(loaded), tune_gc=True)
 
 
 def prepare_multiprocess_metrics(loaded: LoadedConfig) -> str:
@@ -84,5 +84,5 @@ def serve(config_path: str, host: str | None, port: int | None, workers: int | N
         )
         return
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    app = create_app(Runtime(loaded, policy=policy))
+    app = create_app(Runtime(loaded, policy=policy), tune_gc=True)
     uvicorn.run(app, host=host, port=port, **_uvicorn_options())  # type: ignore[arg-type]

@@ -38,6 +38,7 @@ LABELS = {
     "stream",
     "tier",
     "le",
+    "generation",  # python_gc_*: 0, 1, 2
 }
 
 
