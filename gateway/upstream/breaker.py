@@ -4,7 +4,12 @@ closed -> open: after ``failure_threshold`` consecutive failures, or when at lea
 ``min_requests`` calls in the last ``window_seconds`` failed at ``failure_ratio`` or more.
 open -> half-open: after ``open_seconds``; one probe is let through.
 half-open -> closed on the probe's success, -> open again on its failure.
-State is exported as the ``gateway_circuit_state`` gauge."""
+State is exported as the ``gateway_circuit_state`` gauge.
+
+The window is kept as counts per slice of time (``SLICES`` of them), not a record per
+call: memory and work stay the same whatever the request rate (a record per call held
+120,000 entries, ~10 MB, at 4,000 requests/s over the default 30 s window), at the price
+of the window's edge moving in steps of ``window_seconds / SLICES``."""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from collections.abc import Callable
 from ..config.deployment import Breaker as BreakerConfig
 
 Clock = Callable[[], float]
+SLICES = 30
 
 
 class CircuitBreaker:
@@ -26,7 +32,11 @@ class CircuitBreaker:
         self._on_change = on_change
         self._clock = clock
         self._consecutive = 0
-        self._calls: deque[tuple[float, bool]] = deque()
+        self._width = cfg.window_seconds / SLICES
+        # [slice number, calls, failures], oldest first; and their sums
+        self._slices: deque[list[int]] = deque()
+        self._calls = 0
+        self._failed = 0
         self._opened_at = 0.0
         self._probing = False
 
@@ -57,16 +67,12 @@ class CircuitBreaker:
             self._probing = False
             if ok:
                 self._consecutive = 0
-                self._calls.clear()
+                self._forget()
                 self._set("closed")
             else:
                 self._open(now)
             return
-        calls = self._calls
-        calls.append((now, ok))
-        horizon = now - self.cfg.window_seconds
-        while calls and calls[0][0] < horizon:
-            calls.popleft()
+        self._count(now, ok)
         if ok:
             self._consecutive = 0
             return
@@ -74,15 +80,38 @@ class CircuitBreaker:
         if self._consecutive >= self.cfg.failure_threshold:
             self._open(now)
             return
-        if len(calls) >= self.cfg.min_requests:
-            failed = sum(1 for _, good in calls if not good)
-            if failed / len(calls) >= self.cfg.failure_ratio:
-                self._open(now)
+        calls = self._calls
+        if calls >= self.cfg.min_requests and self._failed / calls >= self.cfg.failure_ratio:
+            self._open(now)
+
+    def _count(self, now: float, ok: bool) -> None:
+        """Add one call to the window, dropping the slices that fell out of it."""
+        n = int(now // self._width)
+        slices = self._slices
+        oldest = n - SLICES  # slices up to this one are older than the window
+        while slices and slices[0][0] <= oldest:
+            _, calls, failed = slices.popleft()
+            self._calls -= calls
+            self._failed -= failed
+        if slices and slices[-1][0] == n:
+            last = slices[-1]
+        else:
+            last = [n, 0, 0]
+            slices.append(last)
+        last[1] += 1
+        self._calls += 1
+        if not ok:
+            last[2] += 1
+            self._failed += 1
+
+    def _forget(self) -> None:
+        self._slices.clear()
+        self._calls = self._failed = 0
 
     def _open(self, now: float) -> None:
         self._opened_at = now
         self._consecutive = 0
-        self._calls.clear()
+        self._forget()
         self._set("open")
 
 
