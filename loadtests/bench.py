@@ -50,6 +50,7 @@ from .services import (
 REDIS_URL = os.environ.get("GATEWAY_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 CHAT = "/v1/chat/completions"
 AUTH = {"Authorization": f"Bearer {TENANT_KEY}"}
+SLOW_RESPONSE_SECONDS = 0.2 + 16 * 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +96,9 @@ def _load(sc: Scenario, url: str, model: str, headers: dict[str, str], t: Timing
         headers=headers,
         warmup=t.warmup,
         duration=t.duration,
+        # slow streams: first requests spread over one response time (0.36 s), else the
+        # 500 streams start, end and start again together, in waves
+        ramp=SLOW_RESPONSE_SECONDS if sc.slow else 0.0,
     )
 
 

@@ -41,6 +41,9 @@ class LoadSpec:
     warmup: float = 1.0  # seconds before the measured window
     duration: float = 10.0  # seconds of the measured window
     requests: int | None = None  # instead of a window: stop after this many responses
+    # Connections send their first request spread over this many seconds instead of all at
+    # once, so a closed loop of long requests does not move in lockstep waves.
+    ramp: float = 0.0
 
 
 @dataclass(slots=True)
@@ -208,8 +211,12 @@ async def run_load(spec: LoadSpec, on_window: Callable[[str], None] | None = Non
     for batch in range(0, spec.concurrency, 100):  # don't overflow the listen backlog
         n = min(100, spec.concurrency - batch)
         clients.extend(await asyncio.gather(*(_connect(run) for _ in range(n))))
-    for c in clients:
-        c.send()
+    loop = asyncio.get_running_loop()
+    for i, c in enumerate(clients):
+        if spec.ramp > 0:
+            loop.call_later(spec.ramp * i / len(clients), c.send)
+        else:
+            c.send()
 
     async def reconnector() -> None:  # a server may close a keep-alive connection
         while run.active:
