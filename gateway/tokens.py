@@ -95,7 +95,7 @@ class TokenCounter:
 
     # -- loading -----------------------------------------------------------------------
     def load_blocking(self) -> None:
-        """Load the known encodings; on failure remember why (never raises)."""
+        """Load the wanted encodings; remember why any failed (never raises)."""
         if self._cache_dir:
             os.environ.setdefault("TIKTOKEN_CACHE_DIR", self._cache_dir)
         failures: list[str] = []

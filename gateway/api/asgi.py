@@ -127,7 +127,7 @@ class DisconnectWatch:
         # a disconnect) and the watcher ends by itself, seeing the response finished.
         # Cancelling it instead would leave a CancelledError, its traceback and the
         # task's frames in a reference cycle for the garbage collector: measured at 500
-        # concurrent slow streams, that garbage grew RSS by ~40 MB and made a collection
+        # concurrent slow streams, that garbage grew RSS by ~50 MB and made a collection
         # stop the event loop for up to 0.4 s.
         if w is not None and not w.done() and not self._out.finished:
             w.cancel()
