@@ -1,0 +1,49 @@
+"""The embedded cache's LRU: bounded by the memory its entries take, not only their values."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tracemalloc
+
+from gateway.state.embedded import ByteLRU
+
+FOREVER = 2**62
+
+
+def _key(i: int) -> str:
+    return "cache:t1:" + hashlib.sha256(str(i).encode()).hexdigest()
+
+
+def test_max_bytes_bounds_the_memory_taken() -> None:
+    for value_size in (50, 300, 2000):
+        limit = 1_000_000
+        tracemalloc.start()
+        try:
+            lru = ByteLRU(limit)
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(3 * limit // value_size):  # three times what fits
+                lru.put(_key(i), os.urandom(value_size), FOREVER)
+            used = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert lru.size <= limit
+        # small values: most of an entry is overhead, and it is counted
+        assert used <= 1.15 * limit, (value_size, used)
+        assert used >= 0.75 * limit, (value_size, used)
+
+
+def test_oldest_unused_entries_go_first_and_expired_ones_are_not_served() -> None:
+    cost = len(_key(0)) + 100 + ByteLRU.ENTRY_OVERHEAD
+    lru = ByteLRU(3 * cost)
+    for i in range(3):
+        lru.put(_key(i), b"x" * 100, FOREVER)
+    assert lru.get(_key(0), 0) is not None  # now the most recently used
+    lru.put(_key(3), b"y" * 100, FOREVER)
+    assert lru.get(_key(1), 0) is None and len(lru) == 3
+    assert lru.get(_key(0), 0) == b"x" * 100
+    lru.put(_key(4), b"z" * 100, 10)
+    assert lru.get(_key(4), 10) is None  # expired
+    assert lru.size == 2 * cost  # the expired one was dropped on sight
+    lru.put(_key(5), b"w" * (4 * cost), FOREVER)  # larger than the whole cache
+    assert lru.get(_key(5), 0) is None
