@@ -31,7 +31,7 @@ import orjson
 
 from . import wrk
 from .loadgen import LoadResult, LoadSpec, chat_body, chat_template, run_load
-from .procstat import CpuWindow, memory_kb, reset_peak
+from .procstat import CpuWindow, tree_memory_kb, tree_reset_peak
 from .redis_trips import Monitor
 from .services import (
     DRIVER_CORE,
@@ -127,10 +127,10 @@ async def run_gateway(
     sc: Scenario, gw: Service, up: Service, t: Timing, direct: dict[str, Any]
 ) -> dict[str, Any]:
     model = SLOW_MODEL if sc.slow else FAST_MODEL
-    peak_reset = reset_peak(gw.pid)
+    peak_reset = tree_reset_peak(gw.pid)
     spec = _load(sc, gw.url, model, AUTH, t)
     res, used = await _measure(spec, {"gateway": gw.pid, "upstream": up.pid})
-    mem = memory_kb(gw.pid)
+    mem = tree_memory_kb(gw.pid)  # with workers: all processes together
     done = res.requests + res.errors
     row: dict[str, Any] = {
         **res.as_dict(),
@@ -194,10 +194,10 @@ async def leak_check(gw: Service, up: Service) -> dict[str, Any]:
     t0 = time.perf_counter()
     await batch(10_000)
     await asyncio.sleep(1)
-    rss_10k = memory_kb(gw.pid)["VmRSS"] / 1024
+    rss_10k = tree_memory_kb(gw.pid)["VmRSS"] / 1024
     await batch(90_000)
     await asyncio.sleep(1)
-    rss_100k = memory_kb(gw.pid)["VmRSS"] / 1024
+    rss_100k = tree_memory_kb(gw.pid)["VmRSS"] / 1024
     return {
         "rss_after_10k_mb": round(rss_10k, 1),
         "rss_after_100k_mb": round(rss_100k, 1),
@@ -357,7 +357,13 @@ def report(results: dict[str, Any]) -> str:
     m = results["machine"]
     parts = [
         f"Gateway benchmark, {m['date']}: {m['cores']} cores ({m['cpu']}), Linux {m['kernel']}, "
-        f"Python {m['python']}; gateway on core 0, upstream + load generator on core 1"
+        f"Python {m['python']}; "
+        + (
+            f"gateway: {results['workers']} worker processes on any core"
+            if results.get("workers")
+            else "gateway on core 0"
+        )
+        + ", upstream + load generator on core 1"
         + ("" if m["pinned"] else " (NOT pinned: taskset or a second core is missing)")
         + f"; {results['timing']['duration']:.0f} s per scenario after "
         f"{results['timing']['warmup']:.0f} s warm-up.",
@@ -415,6 +421,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "machine": machine(),
         "timing": {"warmup": timing.warmup, "duration": timing.duration},
+        "workers": args.workers,
         "states": states,
         "scenarios": {s.name: s.what for s in chosen},
         "direct": {},
@@ -454,7 +461,7 @@ async def _bench_state(
         directory = Path(tmp)
         config = write_gateway_config(directory, up.url, _state_url(state, directory), prefix)
         try:
-            gw = start_gateway(config, source=source)
+            gw = start_gateway(config, source=source, workers=args.workers)
         except RuntimeError as exc:
             note = f"{state} state: the gateway did not start ({exc})"
             print(note, file=sys.stderr)
@@ -483,7 +490,7 @@ async def _bench_state(
         if args.leak:
             print(f"{state:8} leak check (100k requests) ...", file=sys.stderr)
             (directory / "gateway.log").unlink(missing_ok=True)
-            gw = start_gateway(config, source=source)
+            gw = start_gateway(config, source=source, workers=args.workers)
             try:
                 results["leak"][state] = await leak_check(gw, up)
             finally:
@@ -510,7 +517,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wrk", action="store_true", help="cross-check non-stream rows with wrk")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--gateway-src", metavar="DIR", help="run the gateway package from DIR")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="gateway serve --workers N, not pinned (Redis state); CPU and RSS are summed "
+        "over its processes",
+    )
     args = p.parse_args(argv)
+    if args.workers and args.state != "redis":
+        p.error("--workers needs --state redis (worker processes share state through Redis)")
     args.gateway_src = Path(args.gateway_src).resolve() if args.gateway_src else None
     unknown = [n for n in args.scenarios if n not in SCENARIOS]
     if unknown:

@@ -35,8 +35,51 @@ def reset_peak(pid: int) -> bool:
     return True
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a gateway with worker processes)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:  # a thread or process that just ended
+                continue
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for p in tree(pid):
+        try:
+            total += cpu_seconds(p)
+        except OSError:
+            continue
+    return total
+
+
+def tree_memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM summed over ``pid`` and its descendants."""
+    out = {"VmRSS": 0, "VmHWM": 0}
+    for p in tree(pid):
+        try:
+            mem = memory_kb(p)
+        except OSError:
+            continue
+        for k in out:
+            out[k] += mem.get(k, 0)
+    return out
+
+
+def tree_reset_peak(pid: int) -> bool:
+    done = [reset_peak(p) for p in tree(pid)]  # every one, even after a failure
+    return all(done)
+
+
 class CpuWindow:
-    """CPU seconds of some processes between ``start()`` and ``stop()``."""
+    """CPU seconds of some processes, each with its descendants, between ``start()`` and
+    ``stop()``."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
@@ -44,7 +87,9 @@ class CpuWindow:
         self.used: dict[str, float] = {}
 
     def start(self) -> None:
-        self._start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._start = {name: tree_cpu_seconds(pid) for name, pid in self.pids.items()}
 
     def stop(self) -> None:
-        self.used = {name: cpu_seconds(pid) - self._start[name] for name, pid in self.pids.items()}
+        self.used = {
+            name: tree_cpu_seconds(pid) - self._start[name] for name, pid in self.pids.items()
+        }

@@ -175,10 +175,14 @@ def _ready(url: str) -> bool:
 
 
 def start_gateway(
-    config: Path, core: int | None = GATEWAY_CORE, source: Path | None = None
+    config: Path,
+    core: int | None = GATEWAY_CORE,
+    source: Path | None = None,
+    workers: int | None = None,
 ) -> Service:
     """``gateway serve`` as a process (from ``source`` instead of the installed package
-    when given, to measure a modified copy)."""
+    when given, to measure a modified copy); with ``workers``, that many worker processes,
+    not pinned."""
     port = free_port()
     log = config.parent / "gateway.log"
     env = dict(os.environ)
@@ -186,6 +190,9 @@ def start_gateway(
         # ``python -m`` puts the working directory first on sys.path, before PYTHONPATH.
         env["PYTHONPATH"] = str(source)
     cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port)]
+    if workers:
+        cmd += ["--workers", str(workers)]
+        core = None
     out: IO[bytes]
     with open(log, "ab") as out:
         proc = subprocess.Popen(
