@@ -37,6 +37,7 @@ from .services import (
     DRIVER_CORE,
     FAST_MODEL,
     SLOW_MODEL,
+    SLOW_RESPONSE_SECONDS,
     SLOW_UPSTREAM,
     TENANT_KEY,
     Service,
@@ -50,7 +51,6 @@ from .services import (
 REDIS_URL = os.environ.get("GATEWAY_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 CHAT = "/v1/chat/completions"
 AUTH = {"Authorization": f"Bearer {TENANT_KEY}"}
-SLOW_RESPONSE_SECONDS = 0.2 + 16 * 0.01
 
 
 @dataclass(frozen=True, slots=True)

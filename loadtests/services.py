@@ -25,7 +25,10 @@ PROVIDER_KEY = "sk-bench-provider"
 GATEWAY_CORE, DRIVER_CORE = 0, 1
 # Gateway model -> upstream model (its behaviour; see fast_upstream).
 FAST_MODEL, SLOW_MODEL, EMBED_MODEL = "bench-fast", "bench-slow", "bench-embed"
-SLOW_UPSTREAM = "bench-slow@ttft=200,tpt=10"
+SLOW_TTFT_MS, SLOW_TOKEN_MS, SLOW_TOKENS = 200, 10, 16
+SLOW_UPSTREAM = f"bench-slow@ttft={SLOW_TTFT_MS},tpt={SLOW_TOKEN_MS},tokens={SLOW_TOKENS}"
+# how long one slow stream takes upstream (0.36 s)
+SLOW_RESPONSE_SECONDS = (SLOW_TTFT_MS + SLOW_TOKENS * SLOW_TOKEN_MS) / 1000
 
 
 def can_pin() -> bool:
