@@ -21,13 +21,28 @@ class ClientDisconnected(asyncio.CancelledError):
 _STREAM_HEADERS: list[Header] = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
+_UVICORN_HTTPTOOLS = "uvicorn.protocols.http.httptools_impl"
+
+
+def _uvicorn_cycle(send: Send) -> Any:
+    """uvicorn's httptools request cycle when ``send`` is its own ``send`` (as under
+    ``gateway serve``), else None. A stream's chunks can then be written to its transport
+    from a synchronous callback (see ``write_now``)."""
+    cycle = getattr(send, "__self__", None)
+    kind = type(cycle)
+    if kind.__module__ == _UVICORN_HTTPTOOLS and kind.__name__ == "RequestResponseCycle":
+        return cycle
+    return None
+
+
 class AsgiResponder:
     """Writes a response to the ASGI ``send`` channel."""
 
-    __slots__ = ("_send", "disconnected", "finished", "interruptible", "started")
+    __slots__ = ("_cycle", "_send", "disconnected", "finished", "interruptible", "started")
 
     def __init__(self, send: Send) -> None:
         self._send = send
+        self._cycle = _uvicorn_cycle(send)
         self.disconnected = False
         self.interruptible = False
         self.started = False
@@ -57,6 +72,25 @@ class AsgiResponder:
 
     async def send_chunk(self, data: bytes) -> None:
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    def can_write_now(self) -> bool:
+        c = self._cycle
+        return (
+            c is not None
+            and self.started
+            and not self.finished
+            and c.chunked_encoding is True
+            and not c.response_complete
+            and not c.disconnected
+            and not c.flow.write_paused
+        )
+
+    def write_now(self, data: bytes) -> None:
+        # What uvicorn's send() does for a chunk of a chunked response, minus the
+        # coroutine: the relay calls this from the upstream connection's callback.
+        c = self._cycle
+        if data and not c.disconnected:
+            c.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
 
     async def end_stream(self, last: bytes = b"") -> None:
         self.finished = True

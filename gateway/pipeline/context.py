@@ -49,6 +49,13 @@ class Responder(Protocol):
 
     async def send_chunk(self, data: bytes) -> None: ...
 
+    def can_write_now(self) -> bool:
+        """Whether ``write_now`` works: a started stream whose client takes more."""
+
+    def write_now(self, data: bytes) -> None:
+        """``send_chunk`` without awaiting, for a synchronous callback (only after
+        ``can_write_now``); dropped if the client went away meanwhile."""
+
     async def end_stream(self, last: bytes = b"") -> None:
         """Send ``last`` (if any) and end the stream, in one write."""
 

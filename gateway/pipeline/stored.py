@@ -55,6 +55,13 @@ class Tee:
         self.parts.append(data)
         await self.inner.send_chunk(data)
 
+    def can_write_now(self) -> bool:
+        return self.inner.can_write_now()
+
+    def write_now(self, data: bytes) -> None:
+        self.parts.append(data)
+        self.inner.write_now(data)
+
     async def end_stream(self, last: bytes = b"") -> None:
         if last:
             self.parts.append(last)

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from ..config.deployment import ProviderConfig
 from . import rawhttp
-from .base import JsonResponse
+from .base import ChunkSink, JsonResponse
 from .errors import (
     UpstreamBadResponse,
     UpstreamError,
@@ -151,6 +151,18 @@ class HttpStream:
             raise self._owner._error(exc, self._model) from None
         self._first = False
         return data
+
+    async def push(self, sink: ChunkSink) -> bool:
+        if self._first:  # the first chunk has its own timeout: read() it
+            return False
+        limit = self._owner._timeouts.idle
+        try:
+            await self._resp.push(sink, limit)
+        except TimeoutError:
+            raise UpstreamTimeout(self._owner.name, self._model, "data", limit) from None
+        except (rawhttp.ConnectionClosed, rawhttp.BadResponse) as exc:
+            raise self._owner._error(exc, self._model) from None
+        return True
 
     async def aclose(self) -> None:
         # Abandoned mid-stream, the connection is closed so the upstream stops generating.

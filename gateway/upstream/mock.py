@@ -18,7 +18,7 @@ import orjson
 
 from ..config.deployment import ProviderConfig
 from ..tokens import TokenCounter
-from .base import JsonResponse
+from .base import ChunkSink, JsonResponse
 from .errors import UpstreamRejected
 
 _WORDS = tuple(
@@ -172,6 +172,9 @@ class MockStream:
         ev = self._events[self._i]
         self._i += 1
         return ev
+
+    async def push(self, sink: ChunkSink) -> bool:
+        return False  # in-process: nothing to gain
 
     async def aclose(self) -> None:
         self._i = len(self._events)

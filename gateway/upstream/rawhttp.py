@@ -13,9 +13,12 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httptools
+
+if TYPE_CHECKING:
+    from .base import ChunkSink
 
 _HIGH_WATER = 256 * 1024
 
@@ -38,7 +41,10 @@ class Response:
         "_eof",
         "_error",
         "_head",
+        "_idle",
         "_keep_alive",
+        "_loop",
+        "_sink",
         "_size",
         "_timer",
         "_until_close",
@@ -49,7 +55,8 @@ class Response:
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
-        self._head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._head: asyncio.Future[None] = self._loop.create_future()
         self._buf: list[bytes] = []
         self._size = 0
         self._eof = False
@@ -63,11 +70,21 @@ class Response:
         # A body with neither Content-Length nor chunked encoding ends when the
         # connection closes (HTTP/1.1, RFC 9112 section 6.3).
         self._until_close = False
+        # While push() runs: where the body goes, and the idle timeout each chunk renews.
+        self._sink: ChunkSink | None = None
+        self._idle: float | None = None
         self.status = 0
         self.headers: dict[str, str] = {}
 
     # -- fed by the connection -----------------------------------------------------------
     def _feed(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is not None and not sink.stopped and not self._buf:
+            if self._idle is not None:
+                self._deadline = self._loop.time() + self._idle
+            if not sink(data):  # it stopped: push() returns
+                self._wake()
+            return
         self._buf.append(data)
         self._size += len(data)
         if self._size > _HIGH_WATER:
@@ -112,6 +129,33 @@ class Response:
                 await waiter
             finally:
                 self._waiter = None
+        return self._take()
+
+    async def push(self, sink: ChunkSink, timeout: float | None = None) -> None:
+        """Hand the body to ``sink`` as it arrives, from the connection's callback,
+        until it ends or fails or ``sink.stopped``; later bytes wait for readany(). Raises
+        TimeoutError when nothing arrives for ``timeout`` seconds, and the connection's
+        failure."""
+        if self._buf:
+            sink(self._take())
+        self._sink, self._idle = sink, timeout
+        try:
+            while not (self._eof or sink.stopped):
+                if self._error is not None:
+                    raise self._error
+                waiter = self._waiter = self._loop.create_future()
+                if timeout is not None:
+                    self._deadline = self._loop.time() + timeout
+                    if self._timer is None:
+                        self._timer = self._loop.call_at(self._deadline, self._check_deadline)
+                try:
+                    await waiter
+                finally:
+                    self._waiter = None
+        finally:
+            self._sink = self._idle = None
+
+    def _take(self) -> bytes:
         data = self._buf[0] if len(self._buf) == 1 else b"".join(self._buf)
         self._buf.clear()
         if self._size > _HIGH_WATER:

@@ -1,0 +1,165 @@
+"""Relaying a stream once it has started: chunks go to the client from the upstream
+connection's callback (``push``), and anything unusual hands the rest to the pull loop.
+Each case runs through ``gateway serve``'s server (uvicorn, httptools) against the fake
+upstream, with the real SDK where it can say what a user sees."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from fake_upstream import FakeUpstream
+from servers.configs import PROVIDER_KEY, directive, gateway_config, policy, tenant
+from servers.gateway import Gateway
+
+MSG = [{"role": "user", "content": "Tell me about tides"}]
+
+
+@pytest.fixture
+def gw(make_gateway: Callable[..., Gateway], fake: FakeUpstream) -> Gateway:
+    return make_gateway(gateway_config(fake.base_url), {"p": policy({"t1": tenant("key-1")})})
+
+
+def _ledger(gw: Gateway) -> list[dict[str, Any]]:
+    r = gw.http().get("/admin/ledger", headers={"Authorization": "Bearer admin-key"})
+    rows: list[dict[str, Any]] = r.json()["data"]
+    return rows
+
+
+def _direct_text(fake: FakeUpstream, **kw: Any) -> str:
+    """The answer's text when asked of the fake directly, without the gateway."""
+    body = {"model": "gpt-4o-mini", "messages": MSG, "stream": True, **directive(**kw)}
+    text = []
+    auth = {"Authorization": f"Bearer {PROVIDER_KEY}"}
+    with httpx.stream(
+        "POST", fake.base_url + "/chat/completions", json=body, headers=auth, timeout=30
+    ) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for c in json.loads(line[6:])["choices"]:
+                    text.append(c["delta"].get("content") or "")
+    return "".join(text)
+
+
+def test_a_pushed_stream_arrives_whole_and_in_order(gw: Gateway, fake: FakeUpstream) -> None:
+    chunks = list(
+        gw.client("key-1").chat.completions.create(
+            model="cheap",
+            messages=MSG,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=directive(tokens=40, chunk_delay=0.005),
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == _direct_text(fake, tokens=40)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 40
+    row = _ledger(gw)[0]
+    assert row["status"] == 200 and row["completion_tokens"] == 40 and row["cost"] > 0
+
+
+def test_an_error_event_mid_stream_ends_it_and_charges_what_was_sent(gw: Gateway) -> None:
+    received: list[str] = []
+    with pytest.raises(openai.APIError) as exc:
+        for c in gw.client("key-1").chat.completions.create(
+            model="cheap",
+            messages=MSG,
+            stream=True,
+            extra_body=directive(tokens=20, chunk_delay=0.02, error_in_stream=5),
+        ):
+            received.extend(ch.delta.content or "" for ch in c.choices)
+    # the fake's events 1-4 (event 0 carries the role), then its error event at 5
+    assert len([t for t in received if t]) == 4
+    assert exc.value.message  # an OpenAI-shaped error event, with a message
+    row = _ledger(gw)[0]
+    assert row["status"] == 502 and row["error_code"] == "upstream_bad_response"
+    assert row["usage_source"] == "counted" and 0 < row["completion_tokens"] < 20
+    assert row["cost"] > 0
+
+
+def test_an_upstream_that_drops_mid_stream(gw: Gateway) -> None:
+    with pytest.raises(openai.APIError) as exc:
+        list(
+            gw.client("key-1").chat.completions.create(
+                model="cheap",
+                messages=MSG,
+                stream=True,
+                extra_body=directive(tokens=20, chunk_delay=0.02, disconnect_after=6),
+            )
+        )
+    assert "fake" in str(exc.value.message)  # names the provider
+    row = _ledger(gw)[0]
+    assert row["status"] >= 500 and 0 < row["completion_tokens"] < 20 and row["cost"] > 0
+
+
+def test_a_stream_that_ends_without_done_or_usage_is_cut(gw: Gateway) -> None:
+    with pytest.raises(openai.APIError) as exc:
+        list(
+            gw.client("key-1").chat.completions.create(
+                model="cheap",
+                messages=MSG,
+                stream=True,
+                extra_body=directive(tokens=8, chunk_delay=0.02, no_done=True, no_usage=True),
+            )
+        )
+    assert "ended before it was complete" in str(exc.value.message)
+
+
+def test_a_client_that_stops_reading_gets_every_byte(
+    make_gateway: Callable[..., Gateway], fake: FakeUpstream
+) -> None:
+    """A client that reads nothing for a while: the gateway's socket buffer fills, the
+    server applies backpressure, the relay hands over to the pull loop (which waits for
+    the client to drain), and reading resumes with nothing lost or repeated."""
+    cfg = gateway_config(fake.base_url)
+    cfg["models"]["cheap"]["max_output_tokens"] = 30000  # else the gateway caps the answer
+    gw = make_gateway(cfg, {"p": policy({"t1": tenant("key-1")})})
+    tokens = 20000  # ~3 MB of SSE: more than the socket buffers hold
+    body = json.dumps(
+        {"model": "cheap", "messages": MSG, "stream": True, **directive(tokens=tokens)}
+    ).encode()
+    url = httpx.URL(gw.url)
+    sock = socket.create_connection((url.host, url.port or 80))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer key-1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+    )
+    first = sock.recv(4096)
+    assert first.startswith(b"HTTP/1.1 200"), first[:200]
+    time.sleep(1.5)  # read nothing meanwhile
+    data = bytearray(first)
+    sock.settimeout(30)
+    while not data.endswith(b"0\r\n\r\n"):
+        part = sock.recv(65536)
+        assert part, "the gateway closed the connection early"
+        data += part
+    sock.close()
+    _, _, chunked = bytes(data).partition(b"\r\n\r\n")
+    sse = _dechunk(chunked)
+    events = [e for e in sse.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]"
+    text = "".join(
+        c["delta"].get("content") or "" for e in events[:-1] for c in json.loads(e[6:])["choices"]
+    )
+    assert text == _direct_text(fake, tokens=tokens)
+    assert _ledger(gw)[0]["completion_tokens"] == tokens
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = bytearray()
+    i = 0
+    while True:
+        j = data.index(b"\r\n", i)
+        size = int(data[i:j], 16)
+        if size == 0:
+            return bytes(out)
+        out += data[j + 2 : j + 2 + size]
+        i = j + 2 + size + 2
