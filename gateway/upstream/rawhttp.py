@@ -2,8 +2,9 @@
 response parser and a LIFO pool of keep-alive connections (TLS when the URL is https).
 
 It does only what an OpenAI-compatible upstream needs: a POST with a body, a response
-read whole or as it arrives (Content-Length or chunked), keep-alive, and backpressure
-(reading pauses while a slow client leaves 256 KiB unread). Measured on the benchmark,
+read whole or as it arrives (Content-Length or chunked) or pushed to a callback as it
+arrives (``Response.push``), keep-alive, and backpressure (reading pauses while a slow
+client leaves 256 KiB unread). Measured on the benchmark,
 it costs a fraction of aiohttp's ClientSession per request; :mod:`.http` translates its
 errors."""
 
