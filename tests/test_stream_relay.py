@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -17,6 +19,8 @@ import pytest
 from fake_upstream import FakeUpstream
 from servers.configs import PROVIDER_KEY, directive, gateway_config, policy, tenant
 from servers.gateway import Gateway
+
+from gateway.pipeline.relay import _Events, _Sink
 
 MSG = [{"role": "user", "content": "Tell me about tides"}]
 
@@ -163,3 +167,66 @@ def _dechunk(data: bytes) -> bytes:
             return bytes(out)
         out += data[j + 2 : j + 2 + size]
         i = j + 2 + size + 2
+
+
+def test_a_usage_chunk_that_is_not_json_ends_the_stream_with_an_error(
+    make_gateway: Callable[..., Gateway],
+) -> None:
+    """A usage chunk that is not JSON, arriving after the stream started (so inside the
+    upstream connection's callback): the stream ends with an error event naming the
+    provider, the request is on the ledger, and the gateway goes on serving."""
+    role = b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"raw","choices":[{"index":0,"delta":{"role":"assistant","content":"hi"}}]}\n\n'  # noqa: E501
+    broken = b'data: {"usage": {not json\n\n'
+
+    def serve(listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(65536)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n"
+            )
+            for event in (role, broken):
+                conn.sendall(b"%x\r\n%b\r\n" % (len(event), event))
+                time.sleep(0.3)  # the broken chunk comes in a read of its own
+            conn.sendall(b"0\r\n\r\n")
+            time.sleep(0.5)
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    thread = threading.Thread(target=serve, args=(listener,), daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    cfg = gateway_config(f"http://127.0.0.1:{port}/v1")
+    gw = make_gateway(cfg, {"p": policy({"t1": tenant("key-1")})})
+    got: list[str] = []
+    with pytest.raises(openai.APIError) as exc:
+        for c in gw.client("key-1").chat.completions.create(
+            model="cheap", messages=MSG, stream=True
+        ):
+            got.extend(ch.delta.content or "" for ch in c.choices)
+    assert "fake" in str(exc.value.message)
+    thread.join(5)
+    listener.close()
+    assert got == ["hi"]
+    row = _ledger(gw)[0]
+    assert row["status"] == 502 and row["error_code"] == "upstream_error"
+    assert gw.http().get("/healthz").status_code == 200
+
+
+def test_the_sink_keeps_an_exception_for_the_request_to_raise() -> None:
+    """Inside the connection's callback an exception would surface in the upstream
+    parser; the sink stops and keeps it, and the relay raises it in the request's task."""
+
+    class BrokenResponder:
+        def can_write_now(self) -> bool:
+            return True
+
+        def write_now(self, data: bytes) -> None:
+            raise RuntimeError("the client's transport is gone")
+
+    ctx = SimpleNamespace(first_byte_sent=True, streamed=[], usage=None, usage_raw=None)
+    sink = _Sink(_Events(ctx), BrokenResponder())  # type: ignore[arg-type]
+    assert sink(b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n') is False
+    assert sink.stopped and isinstance(sink.crash, RuntimeError)

@@ -60,8 +60,8 @@ class _Events:
         self.saw_done = False
 
     def take(self, data: bytes, batch: list[bytes]) -> bytes | None:
-        """Append to ``batch`` the events of ``data`` to relay; an error event's payload,
-        if one came (the events after it are dropped)."""
+        """Append to ``batch`` the events of ``data`` to relay; an error event's payload
+        (or an unreadable usage chunk), if one came; the events after it are dropped."""
         ctx = self.ctx
         started = ctx.first_byte_sent
         for ev in self.splitter.feed(data):
@@ -73,7 +73,10 @@ class _Events:
             if payload == DONE:
                 self.saw_done = True
                 continue
-            found = _usage_in(payload)
+            try:
+                found = _usage_in(payload)
+            except orjson.JSONDecodeError:
+                return payload  # a usage chunk that is not JSON: the upstream failed
             if found is not None:
                 chunk, usage = found
                 ctx.usage = usage_from(usage) or ctx.usage
@@ -97,20 +100,27 @@ class _Sink:
     443-459 against 506-519). It stops, handing the rest to the pull loop, at an error
     event or when the client stops taking data (backpressure) or goes away."""
 
-    __slots__ = ("error", "events", "out", "stopped")
+    __slots__ = ("crash", "error", "events", "out", "stopped")
 
     def __init__(self, events: _Events, out: Responder) -> None:
         self.events = events
         self.out = out
         self.stopped = False
         self.error: bytes | None = None
+        # An exception here would surface in the upstream connection's parser, far from
+        # the request: it is kept for the relay to raise in the request's own task.
+        self.crash: Exception | None = None
 
     def __call__(self, data: bytes) -> bool:
-        batch: list[bytes] = []
-        self.error = self.events.take(data, batch)
-        if batch:
-            self.out.write_now(batch[0] if len(batch) == 1 else b"".join(batch))
-        if self.error is not None or not self.out.can_write_now():
+        try:
+            batch: list[bytes] = []
+            self.error = self.events.take(data, batch)
+            if batch:
+                self.out.write_now(batch[0] if len(batch) == 1 else b"".join(batch))
+            if self.error is not None or not self.out.can_write_now():
+                self.stopped = True
+        except Exception as exc:
+            self.crash = exc
             self.stopped = True
         return not self.stopped
 
@@ -138,7 +148,8 @@ async def relay_stream(
                     sink = _Sink(events, out)
                     if not await stream.push(sink):
                         sink = None
-                data = b"" if sink is not None and sink.error is not None else await stream.read()
+                stop = sink is not None and (sink.error is not None or sink.crash is not None)
+                data = b"" if stop else await stream.read()
             except UpstreamError as read_error:
                 out.interruptible = False
                 if not ctx.first_byte_sent:
@@ -148,6 +159,8 @@ async def relay_stream(
             finally:
                 out.interruptible = False
                 ctx.upstream_seconds += time.perf_counter() - w0
+            if sink is not None and sink.crash is not None:
+                raise sink.crash
             if sink is not None and sink.error is not None:  # relayed up to the error
                 await _fail_on_event(ctx, out, model, sink.error, [], t0)
             if not data:
