@@ -88,32 +88,27 @@ def test_an_error_event_mid_stream_ends_it_and_charges_what_was_sent(gw: Gateway
     assert row["cost"] > 0
 
 
-def test_an_upstream_that_drops_mid_stream(gw: Gateway) -> None:
+def _failed_stream(gw: Gateway, **fake: Any) -> openai.APIError:
+    """The error the SDK raises while reading a stream the fake misbehaves in."""
     with pytest.raises(openai.APIError) as exc:
         list(
             gw.client("key-1").chat.completions.create(
-                model="cheap",
-                messages=MSG,
-                stream=True,
-                extra_body=directive(tokens=20, chunk_delay=0.02, disconnect_after=6),
+                model="cheap", messages=MSG, stream=True, extra_body=directive(**fake)
             )
         )
-    assert "fake" in str(exc.value.message)  # names the provider
+    return exc.value
+
+
+def test_an_upstream_that_drops_mid_stream(gw: Gateway) -> None:
+    exc = _failed_stream(gw, tokens=20, chunk_delay=0.02, disconnect_after=6)
+    assert "fake" in str(exc.message)  # names the provider
     row = _ledger(gw)[0]
     assert row["status"] >= 500 and 0 < row["completion_tokens"] < 20 and row["cost"] > 0
 
 
 def test_a_stream_that_ends_without_done_or_usage_is_cut(gw: Gateway) -> None:
-    with pytest.raises(openai.APIError) as exc:
-        list(
-            gw.client("key-1").chat.completions.create(
-                model="cheap",
-                messages=MSG,
-                stream=True,
-                extra_body=directive(tokens=8, chunk_delay=0.02, no_done=True, no_usage=True),
-            )
-        )
-    assert "ended before it was complete" in str(exc.value.message)
+    exc = _failed_stream(gw, tokens=8, chunk_delay=0.02, no_done=True, no_usage=True)
+    assert "ended before it was complete" in str(exc.message)
 
 
 def test_a_client_that_stops_reading_gets_every_byte(
