@@ -81,11 +81,21 @@ def test_an_error_event_mid_stream_ends_it_and_charges_what_was_sent(gw: Gateway
             received.extend(ch.delta.content or "" for ch in c.choices)
     # the fake's events 1-4 (event 0 carries the role), then its error event at 5
     assert len([t for t in received if t]) == 4
-    assert exc.value.message  # an OpenAI-shaped error event, with a message
+    assert "fake" in exc.value.message  # the gateway's error event names the provider
     row = _ledger(gw)[0]
-    assert row["status"] == 502 and row["error_code"] == "upstream_bad_response"
+    assert row["status"] == 502 and row["error_code"] == "upstream_error"
     assert row["usage_source"] == "counted" and 0 < row["completion_tokens"] < 20
     assert row["cost"] > 0
+
+
+def test_an_error_event_before_any_content_is_an_error_response(gw: Gateway) -> None:
+    """Nothing was sent yet, so the client gets a plain HTTP error (or a fallback)."""
+    with pytest.raises(openai.APIStatusError) as exc:
+        gw.client("key-1").chat.completions.create(
+            model="cheap", messages=MSG, stream=True, extra_body=directive(error_in_stream=0)
+        )
+    assert exc.value.status_code == 502 and "fake" in exc.value.message
+    assert _ledger(gw)[0]["cost"] == 0  # nothing was generated
 
 
 def _failed_stream(gw: Gateway, **fake: Any) -> openai.APIError:
@@ -218,7 +228,7 @@ def test_the_sink_keeps_an_exception_for_the_request_to_raise() -> None:
         def can_write_now(self) -> bool:
             return True
 
-        def write_now(self, data: bytes) -> None:
+        def write_now(self, data: bytes) -> bool:
             raise RuntimeError("the client's transport is gone")
 
     ctx = SimpleNamespace(first_byte_sent=True, streamed=[], usage=None, usage_raw=None)

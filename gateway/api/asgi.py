@@ -85,12 +85,15 @@ class AsgiResponder:
             and not c.flow.write_paused
         )
 
-    def write_now(self, data: bytes) -> None:
+    def write_now(self, data: bytes) -> bool:
         # What uvicorn's send() does for a chunk of a chunked response, minus the
-        # coroutine: the relay calls this from the upstream connection's callback.
+        # coroutine: the relay calls this from the upstream connection's callback, once
+        # can_write_now() said yes; only these two can change while a stream is written.
         c = self._cycle
-        if data and not c.disconnected:
-            c.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        if c.disconnected:
+            return False
+        c.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        return not c.flow.write_paused
 
     async def end_stream(self, last: bytes = b"") -> None:
         self.finished = True

@@ -52,9 +52,10 @@ class Responder(Protocol):
     def can_write_now(self) -> bool:
         """Whether ``write_now`` works: a started stream whose client takes more."""
 
-    def write_now(self, data: bytes) -> None:
+    def write_now(self, data: bytes) -> bool:
         """``send_chunk`` without awaiting, for a synchronous callback (only after
-        ``can_write_now``); dropped if the client went away meanwhile."""
+        ``can_write_now``; dropped if the client went away meanwhile). True while the
+        client takes more; after False, write with ``send_chunk`` again."""
 
     async def end_stream(self, last: bytes = b"") -> None:
         """Send ``last`` (if any) and end the stream, in one write."""

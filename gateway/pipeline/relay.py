@@ -44,7 +44,10 @@ def _usage_in(payload: bytes) -> tuple[dict[str, Any], Any] | None:
 
 
 def _is_error(payload: bytes) -> bool:
-    return payload.lstrip()[:9] == b'{"error"'
+    # No copy of the payload in the common case: this runs for every chunk.
+    return payload.startswith(b'{"error"') or (
+        payload[:1].isspace() and payload.lstrip().startswith(b'{"error"')
+    )
 
 
 class _Events:
@@ -115,9 +118,9 @@ class _Sink:
         try:
             batch: list[bytes] = []
             self.error = self.events.take(data, batch)
-            if batch:
-                self.out.write_now(batch[0] if len(batch) == 1 else b"".join(batch))
-            if self.error is not None or not self.out.can_write_now():
+            if batch and not self.out.write_now(batch[0] if len(batch) == 1 else b"".join(batch)):
+                self.stopped = True  # the client pushes back, or went away
+            if self.error is not None:
                 self.stopped = True
         except Exception as exc:
             self.crash = exc

@@ -58,9 +58,9 @@ class Tee:
     def can_write_now(self) -> bool:
         return self.inner.can_write_now()
 
-    def write_now(self, data: bytes) -> None:
+    def write_now(self, data: bytes) -> bool:
         self.parts.append(data)
-        self.inner.write_now(data)
+        return self.inner.write_now(data)
 
     async def end_stream(self, last: bytes = b"") -> None:
         if last:
