@@ -20,6 +20,7 @@ from fake_upstream import FakeUpstream
 from servers.configs import PROVIDER_KEY, directive, gateway_config, policy, tenant
 from servers.gateway import Gateway
 
+from gateway.api.asgi import AsgiResponder
 from gateway.pipeline.relay import _Events, _Sink
 
 MSG = [{"role": "user", "content": "Tell me about tides"}]
@@ -235,3 +236,15 @@ def test_the_sink_keeps_an_exception_for_the_request_to_raise() -> None:
     sink = _Sink(_Events(ctx), BrokenResponder())  # type: ignore[arg-type]
     assert sink(b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n') is False
     assert sink.stopped and isinstance(sink.crash, RuntimeError)
+
+
+def test_the_push_path_needs_uvicorns_own_send() -> None:
+    """Under any other server (or a uvicorn whose request cycle changed) every chunk goes
+    through ``await send``: write_now is never offered."""
+
+    async def send(message: Any) -> None:
+        pass
+
+    out = AsgiResponder(send)
+    out.started = True
+    assert not out.can_write_now()

@@ -22,17 +22,27 @@ _STREAM_HEADERS: list[Header] = [(b"cache-control", b"no-cache"), (b"x-accel-buf
 
 
 _UVICORN_HTTPTOOLS = "uvicorn.protocols.http.httptools_impl"
+# What write_now() relies on, checked once per class: a uvicorn that changed them gets
+# the ASGI path only (every chunk through ``await send``), not a broken stream.
+_CYCLE_FIELDS = ("transport", "flow", "chunked_encoding", "response_complete", "disconnected")
+_usable: dict[type, bool] = {}
 
 
 def _uvicorn_cycle(send: Send) -> Any:
     """uvicorn's httptools request cycle when ``send`` is its own ``send`` (as under
     ``gateway serve``), else None. A stream's chunks can then be written to its transport
     from a synchronous callback (see ``write_now``)."""
-    cycle = getattr(send, "__self__", None)
+    cycle: Any = getattr(send, "__self__", None)
     kind = type(cycle)
-    if kind.__module__ == _UVICORN_HTTPTOOLS and kind.__name__ == "RequestResponseCycle":
-        return cycle
-    return None
+    usable = _usable.get(kind)
+    if usable is None:
+        usable = _usable[kind] = (
+            kind.__module__ == _UVICORN_HTTPTOOLS
+            and kind.__name__ == "RequestResponseCycle"
+            and all(hasattr(cycle, f) for f in _CYCLE_FIELDS)
+            and hasattr(cycle.flow, "write_paused")
+        )
+    return cycle if usable else None
 
 
 class AsgiResponder:
