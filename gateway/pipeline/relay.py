@@ -118,7 +118,7 @@ class _Sink:
         try:
             batch: list[bytes] = []
             self.error = self.events.take(data, batch)
-            if batch and not self.out.write_now(batch[0] if len(batch) == 1 else b"".join(batch)):
+            if batch and not self.out.write_now(_joined(batch)):
                 self.stopped = True  # the client pushes back, or went away
             if self.error is not None:
                 self.stopped = True
@@ -151,8 +151,8 @@ async def relay_stream(
                     sink = _Sink(events, out)
                     if not await stream.push(sink):
                         sink = None
-                stop = sink is not None and (sink.error is not None or sink.crash is not None)
-                data = b"" if stop else await stream.read()
+                failed = sink is not None and (sink.error is not None or sink.crash is not None)
+                data = b"" if failed else await stream.read()
             except UpstreamError as read_error:
                 out.interruptible = False
                 if not ctx.first_byte_sent:
@@ -223,7 +223,12 @@ async def _fail_on_event(
 
 async def _send(out: Responder, events: list[bytes]) -> None:
     if events:
-        await out.send_chunk(events[0] if len(events) == 1 else b"".join(events))
+        await out.send_chunk(_joined(events))
+
+
+def _joined(events: list[bytes]) -> bytes:
+    """The events of one read, for one write to the client."""
+    return events[0] if len(events) == 1 else b"".join(events)
 
 
 def _final_usage(ctx: RequestContext, chunk: dict[str, Any] | None) -> dict[str, Any]:

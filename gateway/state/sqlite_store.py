@@ -293,12 +293,25 @@ class SqliteStore:
         if conn is None:
             error = StateUnavailable("the ledger database is closed")
         else:
-            error = _commit(conn, batch)
-            self.commits += 1
-            self.broken = None if error is None else f"{type(error).__name__}: {error}"
-            if error is not None:
-                log.error("ledger commit failed: %s", self.broken)
+            error = self._commit(conn, batch)
         _resolve_all([w.done for w in batch if w.done is not None], error)
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[Write]) -> BaseException | None:
+        """One transaction for ``batch`` (on the loop or in the writer thread); the error
+        to report to every waiter in it, if any, also kept in ``broken`` for /readyz."""
+        self.commits += 1
+        try:
+            conn.execute("BEGIN")
+            _apply(conn, batch)
+            conn.execute("COMMIT")
+        except BaseException as exc:  # report to every waiter, never die silently
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self.broken = f"{type(exc).__name__}: {exc}"
+            log.error("ledger commit failed: %s", self.broken)
+            return exc
+        self.broken = None
+        return None
 
     def _writer_conn(self) -> sqlite3.Connection:
         if self.path.startswith("file:"):
@@ -324,11 +337,7 @@ class SqliteStore:
                     stop = True
                     break
                 batch.append(item)
-            error = _commit(conn, batch)
-            self.commits += 1
-            self.broken = None if error is None else f"{type(error).__name__}: {error}"
-            if error is not None:
-                log.error("ledger commit failed: %s", self.broken)
+            error = self._commit(conn, batch)
             callbacks = [w.done for w in batch if w.done is not None]
             if callbacks and self._loop is not None and not self._loop.is_closed():
                 with contextlib.suppress(RuntimeError):  # loop closed during shutdown
@@ -448,19 +457,6 @@ class SqliteStore:
         rows = rows[: q.limit]
         cursor = f"{rows[-1].ts_ms}:{rows[-1].id}" if more and rows else None
         return LedgerPage(rows=rows, next_cursor=cursor)
-
-
-def _commit(conn: sqlite3.Connection, batch: list[Write]) -> BaseException | None:
-    """One transaction for ``batch``; the error to report to every waiter, if any."""
-    try:
-        conn.execute("BEGIN")
-        _apply(conn, batch)
-        conn.execute("COMMIT")
-    except BaseException as exc:  # report to every waiter, never die silently
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        return exc
-    return None
 
 
 @types.coroutine

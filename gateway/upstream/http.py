@@ -127,6 +127,9 @@ class HttpUpstream:
         return HttpStream(self, resp, model)
 
 
+_READ_ERRORS = (TimeoutError, rawhttp.ConnectionClosed, rawhttp.BadResponse)
+
+
 class HttpStream:
     """Reads an upstream stream with a first-byte timeout, then an idle timeout between
     chunks; no limit on the total while data keeps flowing."""
@@ -144,11 +147,8 @@ class HttpStream:
         limit = t.first_byte if self._first else t.idle
         try:
             data = await self._resp.readany(limit)
-        except TimeoutError:
-            what = "first token" if self._first else "data"
-            raise UpstreamTimeout(self._owner.name, self._model, what, limit) from None
-        except (rawhttp.ConnectionClosed, rawhttp.BadResponse) as exc:
-            raise self._owner._error(exc, self._model) from None
+        except _READ_ERRORS as exc:
+            raise self._failure(exc, limit) from None
         self._first = False
         return data
 
@@ -158,11 +158,15 @@ class HttpStream:
         limit = self._owner._timeouts.idle
         try:
             await self._resp.push(sink, limit)
-        except TimeoutError:
-            raise UpstreamTimeout(self._owner.name, self._model, "data", limit) from None
-        except (rawhttp.ConnectionClosed, rawhttp.BadResponse) as exc:
-            raise self._owner._error(exc, self._model) from None
+        except _READ_ERRORS as exc:
+            raise self._failure(exc, limit) from None
         return True
+
+    def _failure(self, exc: Exception, limit: float) -> UpstreamError:
+        if isinstance(exc, TimeoutError):
+            what = "first token" if self._first else "data"
+            return UpstreamTimeout(self._owner.name, self._model, what, limit)
+        return self._owner._error(exc, self._model)
 
     async def aclose(self) -> None:
         # Abandoned mid-stream, the connection is closed so the upstream stops generating.

@@ -118,18 +118,7 @@ class Response:
         while not self._buf:
             if self._eof:
                 return b""
-            if self._error is not None:
-                raise self._error
-            loop = asyncio.get_running_loop()
-            waiter = self._waiter = loop.create_future()
-            if timeout is not None:
-                self._deadline = loop.time() + timeout
-                if self._timer is None:
-                    self._timer = loop.call_at(self._deadline, self._check_deadline)
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+            await self._wait(timeout)
         return self._take()
 
     async def push(self, sink: ChunkSink, timeout: float | None = None) -> None:
@@ -142,19 +131,24 @@ class Response:
         self._sink, self._idle = sink, timeout
         try:
             while not (self._eof or sink.stopped):
-                if self._error is not None:
-                    raise self._error
-                waiter = self._waiter = self._loop.create_future()
-                if timeout is not None:
-                    self._deadline = self._loop.time() + timeout
-                    if self._timer is None:
-                        self._timer = self._loop.call_at(self._deadline, self._check_deadline)
-                try:
-                    await waiter
-                finally:
-                    self._waiter = None
+                await self._wait(timeout)
         finally:
             self._sink = self._idle = None
+
+    async def _wait(self, timeout: float | None) -> None:
+        """Until the connection feeds, ends, fails or stops a sink; TimeoutError after
+        ``timeout`` seconds without any of these (one timer per response, see __init__)."""
+        if self._error is not None:
+            raise self._error
+        waiter = self._waiter = self._loop.create_future()
+        if timeout is not None:
+            self._deadline = self._loop.time() + timeout
+            if self._timer is None:
+                self._timer = self._loop.call_at(self._deadline, self._check_deadline)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
 
     def _take(self) -> bytes:
         data = self._buf[0] if len(self._buf) == 1 else b"".join(self._buf)
@@ -169,11 +163,10 @@ class Response:
         waiter = self._waiter
         if waiter is None or waiter.done():
             return  # not waiting now; the next wait arms a timer again
-        loop = asyncio.get_running_loop()
-        if loop.time() >= self._deadline:
+        if self._loop.time() >= self._deadline:
             waiter.set_exception(TimeoutError())
         else:
-            self._timer = loop.call_at(self._deadline, self._check_deadline)
+            self._timer = self._loop.call_at(self._deadline, self._check_deadline)
 
     async def read(self) -> bytes:
         """The whole body."""
