@@ -3,6 +3,7 @@ stale keep-alive connections, TLS with a private CA."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 from collections.abc import Callable, Iterator
@@ -14,6 +15,8 @@ import trustme
 from servers.configs import gateway_config, policy, tenant
 from servers.gateway import Gateway
 from servers.raw import raw_server
+
+from gateway.upstream.rawhttp import Pool, post
 
 MSG = [{"role": "user", "content": "hi"}]
 COMPLETION = json.dumps({
@@ -98,3 +101,35 @@ def test_tls_with_a_private_ca(
         untrusted.client("key-1").chat.completions.create(model="cheap", messages=MSG)
     assert exc.value.status_code == 502
     assert "certificate" in exc.value.message.lower()
+
+
+def test_push_hands_the_sink_one_reads_chunks_in_one_call() -> None:
+    """Chunks that queued up in the socket arrive in one read; the sink gets them in one
+    call, so the relay writes them to the client in one system call, not one each."""
+    head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    parts = [head + b"1\r\na\r\n", b"1\r\nb\r\n2\r\ncd\r\n1\r\ne\r\n", b"0\r\n\r\n"]
+
+    class Sink:
+        stopped = False
+
+        def __init__(self) -> None:
+            self.calls: list[bytes] = []
+
+        def __call__(self, data: bytes) -> bool:
+            self.calls.append(data)
+            return True
+
+    async def run(port: int) -> tuple[list[bytes], bytes]:
+        pool = Pool("127.0.0.1", port, None, limit=2, idle_seconds=30)
+        r = await post(pool, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n", b"{}", 5)
+        sink = Sink()
+        await r.push(sink, timeout=5)
+        rest = await r.read()
+        r.release()
+        pool.close()
+        return sink.calls, rest
+
+    with raw_server(lambda req, n: parts) as port:
+        calls, rest = asyncio.run(run(port))
+    assert calls == [b"a", b"bcde"]
+    assert rest == b""

@@ -42,6 +42,7 @@ class Response:
         "_eof",
         "_error",
         "_head",
+        "_held",
         "_idle",
         "_keep_alive",
         "_loop",
@@ -71,9 +72,11 @@ class Response:
         # A body with neither Content-Length nor chunked encoding ends when the
         # connection closes (HTTP/1.1, RFC 9112 section 6.3).
         self._until_close = False
-        # While push() runs: where the body goes, and the idle timeout each chunk renews.
+        # While push() runs: where the body goes, and the idle timeout each chunk renews;
+        # the body pieces of one read, held for one call of the sink (see _deliver).
         self._sink: ChunkSink | None = None
         self._idle: float | None = None
+        self._held: list[bytes] = []
         self.status = 0
         self.headers: dict[str, str] = {}
 
@@ -81,16 +84,35 @@ class Response:
     def _feed(self, data: bytes) -> None:
         sink = self._sink
         if sink is not None and not sink.stopped and not self._buf:
-            if self._idle is not None:
-                self._deadline = self._loop.time() + self._idle
-            if not sink(data):  # it stopped: push() returns
-                self._wake()
+            self._held.append(data)
             return
         self._buf.append(data)
         self._size += len(data)
         if self._size > _HIGH_WATER:
             self._conn.pause()
         self._wake()
+
+    def _deliver(self) -> None:
+        """Hand the sink what one read brought, in one call, once the read is parsed.
+
+        A read can hold several chunks of the body (they queue up in the socket while
+        the loop is busy); httptools reports each on its own, and the sink would write
+        each to the client in a system call of its own."""
+        held = self._held
+        if not held:
+            return
+        data = held[0] if len(held) == 1 else b"".join(held)
+        held.clear()
+        sink = self._sink
+        if sink is None or sink.stopped:  # cannot happen within one read; never lose bytes
+            self._buf.append(data)
+            self._size += len(data)
+            self._wake()
+            return
+        if self._idle is not None:
+            self._deadline = self._loop.time() + self._idle
+        if not sink(data):  # it stopped: push() returns
+            self._wake()
 
     def _finish(self, keep_alive: bool) -> None:
         self._eof = True
@@ -212,12 +234,17 @@ class Connection(asyncio.Protocol):
         self._pool.lost(self)
 
     def data_received(self, data: bytes) -> None:
+        r = self.response
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            if self.response is not None:
-                self.response._fail(BadResponse(str(exc)))
+            if r is not None:
+                r._deliver()
+                r._fail(BadResponse(str(exc)))
             self.transport.close()
+        else:
+            if r is not None:
+                r._deliver()
 
     # -- httptools callbacks -------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:

@@ -8,10 +8,14 @@ import socket
 import socketserver
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-Reply = Callable[[bytes, int], bytes | None]  # (request, n-th request on the connection)
+# (request, n-th request on the connection) -> the answer; a list is sent part by part,
+# PART_GAP seconds apart, so that each part arrives in a read of its own
+Reply = Callable[[bytes, int], bytes | list[bytes] | None]
+PART_GAP = 0.1
 
 
 def read_request(sock: socket.socket | ssl.SSLSocket) -> bytes | None:
@@ -61,7 +65,10 @@ def raw_server(
                     n += 1
                     if out is None:
                         return
-                    sock.sendall(out)
+                    for i, part in enumerate([out] if isinstance(out, bytes) else out):
+                        if i:
+                            time.sleep(PART_GAP)
+                        sock.sendall(part)
                     if not keep_open:
                         return
             except OSError:
