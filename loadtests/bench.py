@@ -77,8 +77,12 @@ SCENARIOS = {
         Scenario("stream-c50", True, 50),
         Scenario("stream-c500", True, 500),
         Scenario("slow-stream-c500", True, 500, slow=True),
+        # Not in the default run: on a machine too slow for 500 slow streams on one core
+        # (the gateway's core saturated), this load shows the latency added per request.
+        Scenario("slow-stream-c200", True, 200, slow=True),
     )
 }
+DEFAULT_SCENARIOS = [n for n in SCENARIOS if n != "slow-stream-c200"]
 
 
 @dataclass
@@ -509,8 +513,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--scenarios",
         type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
-        default=list(SCENARIOS),
-        help=f"comma-separated, from: {', '.join(SCENARIOS)}",
+        default=DEFAULT_SCENARIOS,
+        help=f"comma-separated, from: {', '.join(SCENARIOS)} (all but the last by default)",
     )
     p.add_argument("--state", choices=["embedded", "redis", "both"], default="both")
     p.add_argument("--leak", action="store_true", help="also RSS after 10k vs 100k requests")
