@@ -20,7 +20,7 @@ def assemble(payloads: list[bytes], usage: dict[str, Any] | None) -> dict[str, A
     Every streamed answer that the cache stores comes through here once, so it keeps the
     work per chunk small: text pieces are collected in lists and joined once at the end,
     and the top-level fields are looked for only until each has been found. Measured on a
-    16-token stream: 78 -> 35 us."""
+    16-token stream: 48 -> 40 us, 20 of them parsing the JSON."""
     out: dict[str, Any] = {"object": "chat.completion"}
     missing = list(_TOP)
     choices: dict[int, dict[str, Any]] = {}
