@@ -44,11 +44,15 @@ from .services import (
     can_pin,
     delete_redis_prefix,
     start_gateway,
+    start_redis,
     start_upstream,
     write_gateway_config,
 )
 
-REDIS_URL = os.environ.get("GATEWAY_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Redis state uses a private redis-server pinned to the driver core (start_redis), or this
+# Redis when set, or else the machine's one on 6379.
+REDIS_URL_ENV = "GATEWAY_BENCH_REDIS_URL"
+SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"
 CHAT = "/v1/chat/completions"
 AUTH = {"Authorization": f"Bearer {TENANT_KEY}"}
 
@@ -117,7 +121,7 @@ async def _measure(spec: LoadSpec, pids: dict[str, int]) -> tuple[LoadResult, di
 
 
 def _driver_busy(res: LoadResult, used: dict[str, float]) -> float:
-    busy = used.get("upstream", 0.0) + res.loadgen_cpu_ms / 1000
+    busy = used.get("upstream", 0.0) + used.get("redis", 0.0) + res.loadgen_cpu_ms / 1000
     return round(100 * busy / res.seconds, 1) if res.seconds else 0.0
 
 
@@ -128,12 +132,20 @@ async def run_direct(sc: Scenario, up: Service, t: Timing) -> dict[str, Any]:
 
 
 async def run_gateway(
-    sc: Scenario, gw: Service, up: Service, t: Timing, direct: dict[str, Any]
+    sc: Scenario,
+    gw: Service,
+    up: Service,
+    t: Timing,
+    direct: dict[str, Any],
+    redis: Service | None = None,
 ) -> dict[str, Any]:
     model = SLOW_MODEL if sc.slow else FAST_MODEL
     peak_reset = tree_reset_peak(gw.pid)
     spec = _load(sc, gw.url, model, AUTH, t)
-    res, used = await _measure(spec, {"gateway": gw.pid, "upstream": up.pid})
+    pids = {"gateway": gw.pid, "upstream": up.pid}
+    if redis is not None:
+        pids["redis"] = redis.pid  # on the driver core: counted in driver_core_busy_pct
+    res, used = await _measure(spec, pids)
     mem = tree_memory_kb(gw.pid)  # with workers: all processes together
     done = res.requests + res.errors
     row: dict[str, Any] = {
@@ -144,6 +156,7 @@ async def run_gateway(
         "peak_is_since_start": not peak_reset,
         "rss_mb": round(mem["VmRSS"] / 1024, 1),
         "driver_core_busy_pct": _driver_busy(res, used),
+        "redis_cpu_pct": round(100 * used["redis"] / res.seconds, 1) if redis else None,
         "added_p50_ms": round(res.p50_ms - direct["p50_ms"], 3),
         "added_p99_ms": round(res.p99_ms - direct["p99_ms"], 3),
         "p50_vs_direct": round(res.p50_ms / direct["p50_ms"], 3) if direct["p50_ms"] else None,
@@ -210,11 +223,11 @@ async def leak_check(gw: Service, up: Service) -> dict[str, Any]:
     }
 
 
-async def redis_trips(gw: Service, prefix: str, n: int = 200) -> dict[str, Any]:
+async def redis_trips(gw: Service, url: str, prefix: str, n: int = 200) -> dict[str, Any]:
     """Redis commands per request (MONITOR), for non-stream and stream requests."""
     out: dict[str, Any] = {}
     for stream in (False, True):
-        mon = Monitor(REDIS_URL, prefix)
+        mon = Monitor(url, prefix)
         mon.start()
         res = await run_load(fixed_load(gw, stream, 1, n))
         await asyncio.sleep(0.5)
@@ -414,8 +427,8 @@ def report(results: dict[str, Any]) -> str:
 
 
 # -- running it ------------------------------------------------------------------------
-def _state_url(state: str, directory: Path) -> str:
-    return f"sqlite:///{directory / 'ledger.db'}" if state == "embedded" else REDIS_URL
+def _state_url(state: str, directory: Path, redis_url: str) -> str:
+    return f"sqlite:///{directory / 'ledger.db'}" if state == "embedded" else redis_url
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -435,6 +448,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "skipped": [],
     }
     source: Path | None = args.gateway_src
+    redis: Service | None = None
+    redis_url = os.environ.get(REDIS_URL_ENV, "")
+    if "redis" in states and not redis_url:
+        redis = start_redis()
+    redis_url = redis.url if redis is not None else redis_url or SHARED_REDIS_URL
+    if "redis" in states:
+        results["redis"] = {"url": redis_url, "private_pinned_to_driver_core": redis is not None}
     up = start_upstream()
     try:
         for sc in chosen:
@@ -445,9 +465,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 w = run_wrk(sc, up, FAST_MODEL, {}, timing.duration, None)
                 results["wrk"].append({"target": "direct", "scenario": sc.name, **w})
         for state in states:
-            await _bench_state(state, chosen, up, timing, source, args, results)
+            await _bench_state(state, chosen, up, redis, redis_url, timing, source, args, results)
     finally:
         up.stop()
+        if redis is not None:
+            redis.stop()
     return results
 
 
@@ -455,6 +477,8 @@ async def _bench_state(
     state: str,
     chosen: list[Scenario],
     up: Service,
+    redis: Service | None,
+    redis_url: str,
     timing: Timing,
     source: Path | None,
     args: argparse.Namespace,
@@ -463,7 +487,9 @@ async def _bench_state(
     prefix = f"gwbench-{os.getpid()}"
     with tempfile.TemporaryDirectory(prefix=f"gwbench-{state}-") as tmp:
         directory = Path(tmp)
-        config = write_gateway_config(directory, up.url, _state_url(state, directory), prefix)
+        config = write_gateway_config(
+            directory, up.url, _state_url(state, directory, redis_url), prefix
+        )
         try:
             gw = start_gateway(config, source=source, workers=args.workers)
         except RuntimeError as exc:
@@ -474,7 +500,10 @@ async def _bench_state(
         try:
             for sc in chosen:
                 print(f"{state:8} {sc.name:18} ...", end=" ", flush=True, file=sys.stderr)
-                row = await run_gateway(sc, gw, up, timing, results["direct"][sc.name])
+                row = await run_gateway(
+                    sc, gw, up, timing, results["direct"][sc.name],
+                    redis if state == "redis" else None,
+                )  # fmt: skip
                 results["rows"].append({"state": state, "scenario": sc.name, "gateway": row})
                 print(
                     f"{row['rps']:,.0f} req/s p50 {row['p50_ms']:.2f} ms, "
@@ -488,7 +517,7 @@ async def _bench_state(
                     )
             if state == "redis":
                 print("redis    round trips ...", file=sys.stderr)
-                results["redis_trips"] = await redis_trips(gw, prefix)
+                results["redis_trips"] = await redis_trips(gw, redis_url, prefix)
         finally:
             gw.stop()
         if args.leak:
@@ -500,7 +529,7 @@ async def _bench_state(
             finally:
                 gw.stop()
         if state == "redis":
-            delete_redis_prefix(REDIS_URL, prefix)
+            delete_redis_prefix(redis_url, prefix)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
