@@ -122,3 +122,15 @@ async def test_password_and_database() -> None:
         wrong.close()
     finally:
         s.stop()
+
+
+async def test_a_command_on_a_closed_connection_fails_at_once(server: PrivateRedis) -> None:
+    """Not after the call's timeout: nothing would ever answer it."""
+    client = server.client(timeout=5.0)
+    assert await client.call("PING") == b"PONG"
+    conn = await client._connection()
+    conn.close()
+    await asyncio.sleep(0.05)  # its connection_lost has run: no one fails the call later
+    with pytest.raises(RedisConnectionError):
+        await asyncio.wait_for(conn.send(b"*1\r\n$4\r\nPING\r\n"), 1)
+    client.close()
