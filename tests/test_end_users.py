@@ -18,6 +18,8 @@ from fake_upstream import FakeUpstream
 from servers.configs import directive, gateway_config, policy, tenant
 from servers.gateway import Gateway
 
+from gateway.clock import ManualClock
+
 MSG = [{"role": "user", "content": "Write one line about credits"}]
 PREPAID = {"end_users": {"prepaid": True}}
 
@@ -292,7 +294,9 @@ def test_end_user_ids_are_validated_and_the_header_wins(
 
 def test_end_user_rate_limits_name_the_end_user(make_gateway: Callable[..., Gateway]) -> None:
     gw = make_gateway(
-        gateway_config(), {"p": policy({"t1": tenant("key-1", end_users={"limits": {"rpm": 2}})})}
+        gateway_config(),
+        {"p": policy({"t1": tenant("key-1", end_users={"limits": {"rpm": 2}})})},
+        clock=ManualClock(1_773_144_005_000),  # the three calls fall in one minute
     )
     client = gw.client("key-1", max_retries=0)
     for _ in range(2):

@@ -17,6 +17,8 @@ from servers.configs import gateway_config, policy, tenant
 from servers.gateway import Gateway
 from servers.prometheus import samples, total
 
+from gateway.clock import ManualClock
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 MSG = [{"role": "user", "content": "hello there"}]
 # Every label the gateway uses, each bounded by configuration (see README, "Metrics").
@@ -87,7 +89,12 @@ def test_labels_are_bounded_and_carry_no_ids(
 def test_cache_hits_count_only_when_served(
     make_gateway: Callable[..., Gateway], fake: FakeUpstream
 ) -> None:
-    gw = make_gateway(config(fake), {"p": policy({"t1": tenant("key-1", limits={"rpm": 2})})})
+    # a fixed clock: the three requests must fall in one rate-limit minute
+    gw = make_gateway(
+        config(fake),
+        {"p": policy({"t1": tenant("key-1", limits={"rpm": 2})})},
+        clock=ManualClock(1_773_144_005_000),
+    )
     body = {"model": "cheap", "messages": MSG, "temperature": 0}
     assert [post(gw, body).headers["x-gateway-cache"] for _ in range(2)] == ["miss", "hit"]
     assert post(gw, body).status_code == 429  # found in the cache, refused by the rate limit
