@@ -103,12 +103,10 @@ class Response:
             return
         data = held[0] if len(held) == 1 else b"".join(held)
         held.clear()
+        # _feed held these for a sink taking data; only that sink's own call stops it,
+        # and only push() (in the request's task, not in this callback) removes it.
         sink = self._sink
-        if sink is None or sink.stopped:  # cannot happen within one read; never lose bytes
-            self._buf.append(data)
-            self._size += len(data)
-            self._wake()
-            return
+        assert sink is not None
         if self._idle is not None:
             self._deadline = self._loop.time() + self._idle
         if not sink(data):  # it stopped: push() returns
