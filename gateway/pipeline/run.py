@@ -49,6 +49,13 @@ async def handle(ctx: RequestContext, out: Responder) -> None:
     """Run one request to the end; never raises except to propagate cancellation."""
     ctx.out = out
     try:
+        await _run(ctx, out)
+    finally:
+        _drop_traceback(ctx.error)
+
+
+async def _run(ctx: RequestContext, out: Responder) -> None:
+    try:
         await _stages(ctx, out)
     except GatewayError as exc:
         ctx.error = exc
@@ -68,6 +75,21 @@ async def handle(ctx: RequestContext, out: Responder) -> None:
         await finish(ctx)
     else:
         await _shielded(ctx)
+
+
+def _drop_traceback(exc: BaseException | None) -> None:
+    """A failed request's error stays on its context (for the ledger row, the access
+    line and the metrics), and a raised error holds its traceback, whose frames hold the
+    context: a reference cycle per failed request, which reference counting cannot free.
+    With the collector tuned for a server that makes no cycles (``gctune``), a storm of
+    refused requests grew RSS by ~6 MB per 100,000 until a full collection ran. The
+    traceback has been used by then (an unexpected error is logged where it is caught),
+    so it is dropped, with those of the errors it was raised from."""
+    for _ in range(8):
+        if exc is None:
+            return
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
 
 
 async def _send_error(ctx: RequestContext, out: Responder, exc: GatewayError) -> None:
