@@ -23,7 +23,7 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +35,10 @@ from .loadgen import LoadResult, LoadSpec, chat_body, chat_template, run_load
 from .procstat import CpuWindow, tree_memory_kb, tree_reset_peak
 from .redis_trips import Monitor
 from .services import (
+    DOWN_MODEL,
     DRIVER_CORE,
     FAST_MODEL,
+    LIMITED_KEY,
     SLOW_MODEL,
     SLOW_RESPONSE_SECONDS,
     SLOW_UPSTREAM,
@@ -209,6 +211,39 @@ async def leak_check(gw: Service, up: Service) -> dict[str, Any]:
             if res.errors:
                 print(f"  leak check: {res.errors} errors {res.statuses}", file=sys.stderr)
 
+    return await _rss_growth(gw, batch)
+
+
+def failing_load(gw: Service, refused: bool, requests: int) -> LoadSpec:
+    """Requests that fail: refused by a rate limit (429), or on a model whose provider
+    refuses connections (503 once its circuit breaker is open)."""
+    key = LIMITED_KEY if refused else TENANT_KEY
+    return LoadSpec(
+        url=gw.url + CHAT,
+        concurrency=50,
+        body=chat_body(FAST_MODEL if refused else DOWN_MODEL, stream=False),
+        headers={"Authorization": f"Bearer {key}"},
+        requests=requests,
+    )
+
+
+async def failure_leak_check(gw: Service) -> dict[str, Any]:
+    """RSS after 10k failed requests (half refused, half upstream down) and after 100k: an
+    outage or a client hammering past its limit must not grow the gateway either."""
+    statuses: dict[str, int] = {}
+
+    async def batch(n: int) -> None:
+        for refused in (True, False):
+            res = await run_load(failing_load(gw, refused, n // 2))
+            for status, count in res.statuses.items():
+                statuses[status] = statuses.get(status, 0) + count
+
+    out = await _rss_growth(gw, batch)
+    out["statuses"] = statuses
+    return out
+
+
+async def _rss_growth(gw: Service, batch: Callable[[int], Awaitable[None]]) -> dict[str, Any]:
     t0 = time.perf_counter()
     await batch(10_000)
     await asyncio.sleep(1)
@@ -368,6 +403,14 @@ def targets(results: dict[str, Any], state: str) -> list[tuple[str, str, bool | 
             lambda v: v < 5,
             "{:+.1f} MB",
         )
+    failing = results.get("failure_leak", {}).get(state)
+    if failing:
+        add(
+            "no RSS growth from 10k to 100k failed requests (< 5 MB)",
+            failing["growth_mb"],
+            lambda v: v < 5,
+            "{:+.1f} MB",
+        )
     return out
 
 
@@ -422,6 +465,12 @@ def report(results: dict[str, Any]) -> str:
             f"\nLeak check ({state}): RSS {leak['rss_after_10k_mb']} MB after 10k requests, "
             f"{leak['rss_after_100k_mb']} MB after 100k ({leak['growth_mb']:+.1f} MB)."
         )
+    for state, leak in results.get("failure_leak", {}).items():
+        parts.append(
+            f"\nLeak check, failed requests ({state}): RSS {leak['rss_after_10k_mb']} MB after "
+            f"10k, {leak['rss_after_100k_mb']} MB after 100k ({leak['growth_mb']:+.1f} MB); "
+            f"statuses {leak['statuses']}."
+        )
     for note in results["skipped"]:
         parts.append(f"\nSkipped: {note}")
     return "\n".join(parts)
@@ -446,6 +495,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "rows": [],
         "wrk": [],
         "leak": {},
+        "failure_leak": {},
         "skipped": [],
     }
     source: Path | None = args.gateway_src
@@ -532,6 +582,12 @@ async def _bench_state(
                 results["leak"][state] = await leak_check(gw, up)
             finally:
                 gw.stop()
+            print(f"{state:8} leak check (100k failed requests) ...", file=sys.stderr)
+            gw = start_gateway(config, source=source, workers=args.workers)
+            try:
+                results["failure_leak"][state] = await failure_leak_check(gw)
+            finally:
+                gw.stop()
         if state == "redis":
             delete_redis_prefix(redis_url, prefix)
 
@@ -550,7 +606,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated, from: {', '.join(SCENARIOS)} (all but the last by default)",
     )
     p.add_argument("--state", choices=["embedded", "redis", "both"], default="both")
-    p.add_argument("--leak", action="store_true", help="also RSS after 10k vs 100k requests")
+    p.add_argument(
+        "--leak",
+        action="store_true",
+        help="also RSS after 10k vs 100k requests, completed and failed",
+    )
     p.add_argument("--wrk", action="store_true", help="cross-check non-stream rows with wrk")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--gateway-src", metavar="DIR", help="run the gateway package from DIR")

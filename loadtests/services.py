@@ -21,10 +21,15 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TENANT_KEY = "sk-bench-tenant-0123456789"
+# A tenant allowed one request a minute: the leak check's refused requests (429).
+LIMITED_KEY = "sk-bench-limited-0123456789"
 PROVIDER_KEY = "sk-bench-provider"
 GATEWAY_CORE, DRIVER_CORE = 0, 1
 # Gateway model -> upstream model (its behaviour; see fast_upstream).
 FAST_MODEL, SLOW_MODEL, EMBED_MODEL = "bench-fast", "bench-slow", "bench-embed"
+# A model on a provider nothing listens for: the leak check's failed requests (503s once
+# its circuit breaker is open).
+DOWN_MODEL = "bench-down"
 SLOW_TTFT_MS, SLOW_TOKEN_MS, SLOW_TOKENS = 200, 10, 16
 SLOW_UPSTREAM = f"bench-slow@ttft={SLOW_TTFT_MS},tpt={SLOW_TOKEN_MS},tokens={SLOW_TOKENS}"
 # how long one slow stream takes upstream (0.36 s)
@@ -144,7 +149,13 @@ def write_gateway_config(directory: Path, upstream_url: str, state: str, prefix:
                 "base_url": upstream_url + "/v1",
                 "api_key": PROVIDER_KEY,
                 "max_connections": 1024,
-            }
+            },
+            "down": {
+                "type": "openai",
+                # a free port, released: nothing listens, a connection is refused at once
+                "base_url": f"http://127.0.0.1:{free_port()}/v1",
+                "api_key": PROVIDER_KEY,
+            },
         },
         "models": {
             FAST_MODEL: {
@@ -161,6 +172,7 @@ def write_gateway_config(directory: Path, upstream_url: str, state: str, prefix:
                 "max_output_tokens": 1024,
                 "encoding": "o200k_base",
             },
+            DOWN_MODEL: {"provider": "down", "price": price, "encoding": "o200k_base"},
             EMBED_MODEL: {
                 "provider": "bench",
                 "upstream_model": EMBED_MODEL,
@@ -184,7 +196,11 @@ def write_gateway_config(directory: Path, upstream_url: str, state: str, prefix:
                     "budgets": {"daily_usd": 1_000_000},
                     "limits": {"rpm": 100_000_000, "concurrent": 100_000},
                 },
-            }
+            },
+            "bench-limited": {
+                "keys": [_key_hash(LIMITED_KEY)],
+                "limits": {"rpm": 1},
+            },
         },
     }
     (directory / "policies").mkdir(parents=True, exist_ok=True)
