@@ -12,6 +12,7 @@ import contextlib
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
 import orjson
@@ -54,14 +55,26 @@ def setup_logging(cfg: LoggingConfig) -> None:
     logging.getLogger("gateway").setLevel(cfg.level.upper())
 
 
+log = logging.getLogger("gateway.logs")
+
+
 class AccessLog:
-    def __init__(self, cfg: LoggingConfig, stream: IO[bytes] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: LoggingConfig,
+        stream: IO[bytes] | None = None,
+        on_drop: Callable[[int], None] | None = None,
+    ) -> None:
         self.enabled = cfg.access_log
         self.json = cfg.format == "json"
         self.log_prompts = cfg.log_prompts
         self._stream = stream
         self._buf: list[bytes] = []
         self._task: asyncio.Task[None] | None = None
+        # Lines that could not be written (stdout closed or failing) are counted here
+        # (gateway_access_log_lines_dropped_total) and a warning says so once per outage.
+        self._on_drop = on_drop
+        self._failing = False
 
     def line(self, ctx: RequestContext) -> dict[str, Any]:
         u = ctx.usage
@@ -116,12 +129,28 @@ class AccessLog:
     def flush(self) -> None:
         if not self._buf:
             return
+        lines = len(self._buf)
         data = b"".join(self._buf)
         self._buf.clear()
         stream = self._stream or sys.stdout.buffer
-        with contextlib.suppress(OSError, ValueError):
+        try:
             stream.write(data)
             stream.flush()
+        except (OSError, ValueError) as exc:  # ValueError: the stream was closed
+            if self._on_drop is not None:
+                self._on_drop(lines)
+            if not self._failing:
+                self._failing = True
+                log.warning(
+                    "access log lines cannot be written (%s: %s); they are dropped and "
+                    "counted in gateway_access_log_lines_dropped_total until writing works",
+                    type(exc).__name__,
+                    exc,
+                )
+            return
+        if self._failing:
+            self._failing = False
+            log.warning("access log lines are written again")
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="access-log")

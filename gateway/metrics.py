@@ -239,6 +239,11 @@ class Metrics:
             "Ledger rows that could not be written.",
             registry=reg,
         )
+        self.log_lines_dropped = Counter(
+            "gateway_access_log_lines_dropped",
+            "Access log lines that could not be written (stdout closed or failing).",
+            registry=reg,
+        )
         self.queue_rejections = Counter(
             "gateway_upstream_queue_rejections",
             "Requests refused because a provider's capacity queue was full or too slow.",

@@ -51,7 +51,7 @@ class Runtime:
         self.breakers = Breakers(self.metrics.circuit_state)
         self.capacity = Capacity(dict(cfg.providers))
         self.flights = FlightHub()
-        self.access_log = AccessLog(cfg.logging)
+        self.access_log = AccessLog(cfg.logging, on_drop=self.metrics.log_lines_dropped.inc)
         self.admin_keys = frozenset(
             bytes.fromhex(k.removeprefix("sha256:")) for k in cfg.admin_keys
         )

@@ -5,7 +5,9 @@ stdout, other logs on stderr; never a key or prompt text unless the operator tur
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -16,9 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from fake_upstream import FakeUpstream
 from servers.configs import PROVIDER_KEY, gateway_config, key_hash, policy, tenant
 from servers.gateway import free_port, write_config
+
+from gateway.config.deployment import LoggingConfig
+from gateway.logs import AccessLog
 
 KEY = "sk-tenant-very-secret-key-4242"
 PROMPT = "Zebra prompt text that must stay private 7731"
@@ -71,15 +77,16 @@ class Served:
 
 
 @contextlib.contextmanager
-def serve(directory: Path, config: dict[str, Any]) -> Iterator[Served]:
-    """``gateway serve`` with stdout and stderr in files of their own."""
+def serve(directory: Path, config: dict[str, Any], broken_stdout: bool = False) -> Iterator[Served]:
+    """``gateway serve`` with stdout and stderr in files of their own (or, with
+    ``broken_stdout``, stdout a pipe whose reader is gone once the gateway is ready)."""
     path = write_config(directory, config, {"p": policy({"t1": tenant(KEY)})})
     port = free_port()
     out, err = directory / "stdout.log", directory / "stderr.log"
     with open(out, "wb") as o, open(err, "wb") as e:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port)],
-            stdout=o,
+            stdout=subprocess.PIPE if broken_stdout else o,
             stderr=e,
             env=dict(os.environ),
             start_new_session=True,
@@ -94,6 +101,8 @@ def serve(directory: Path, config: dict[str, Any]) -> Iterator[Served]:
                     break
             assert time.monotonic() < deadline, "gateway not ready in 60s"
             time.sleep(0.1)
+        if proc.stdout is not None:
+            proc.stdout.close()
         yield served
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -222,3 +231,62 @@ def test_text_format(fake: FakeUpstream, tmp_path: Path) -> None:
     assert not any(ln.startswith("{") for ln in stderr.splitlines())
     for secret in (KEY, PROVIDER_KEY, PROMPT):
         assert secret not in "\n".join(lines) + stderr
+
+
+class _BrokenPipe(io.BytesIO):
+    """stdout whose reader went away, until ``fixed``."""
+
+    fixed = False
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        if not self.fixed:
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(data)
+
+
+def test_access_lines_that_cannot_be_written_are_counted_and_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stream = _BrokenPipe()
+    dropped: list[int] = []
+    access = AccessLog(LoggingConfig(format="json"), stream=stream, on_drop=dropped.append)
+    access._buf += [b'{"msg":"request"}\n'] * 3
+    with caplog.at_level(logging.WARNING, logger="gateway.logs"):
+        access.flush()
+        access._buf.append(b'{"msg":"request"}\n')
+        access.flush()
+    assert dropped == [3, 1]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "BrokenPipeError" in warnings[0]  # once per outage
+    assert "gateway_access_log_lines_dropped_total" in warnings[0]
+    stream.fixed = True
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gateway.logs"):
+        access._buf.append(b'{"msg":"request"}\n')
+        access.flush()
+    assert stream.getvalue() == b'{"msg":"request"}\n' and dropped == [3, 1]
+    assert [r.getMessage() for r in caplog.records] == ["access log lines are written again"]
+
+
+def test_a_gateway_whose_stdout_is_gone_counts_the_lines_it_drops(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    with serve(tmp_path, _config(fake, format="json"), broken_stdout=True) as gw:
+        with httpx.Client(base_url=gw.url, timeout=30) as http:
+            for _ in range(3):
+                r = http.post(
+                    "/v1/chat/completions",
+                    json={"model": "cheap", "messages": [{"role": "user", "content": "hi"}]},
+                    headers={"Authorization": f"Bearer {KEY}"},
+                )
+                assert r.status_code == 200  # requests are served all the same
+            deadline = time.monotonic() + 10
+            dropped = 0.0
+            while dropped < 3 and time.monotonic() < deadline:
+                time.sleep(0.1)  # lines are written every 100 ms
+                for line in http.get("/metrics").text.splitlines():
+                    if line.startswith("gateway_access_log_lines_dropped_total "):
+                        dropped = float(line.split()[1])
+        stderr = gw.stderr()
+    assert dropped == 3
+    assert stderr.count("access log lines cannot be written (BrokenPipeError") == 1
