@@ -1,0 +1,68 @@
+"""The benchmark still runs end to end (it is a measurement, never a timed test: nothing
+here checks a speed). A short run of ``python -m loadtests.bench`` on both state
+backends: the fast upstream, the load generator, the gateway, the private Redis and the
+report all work, every request succeeds, and Redis state still makes two round trips per
+request outside the cache (issue 7's target, counted with MONITOR)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_a_short_benchmark_run_completes_without_errors(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loadtests.bench",
+            "--state",
+            "both",
+            "--scenarios",
+            "json-c1,stream-c50",
+            "--warmup",
+            "0.3",
+            "--duration",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["skipped"] == []
+    assert results["redis"]["private_pinned_to_driver_core"] is not None
+    rows = {(r["state"], r["scenario"]): r["gateway"] for r in results["rows"]}
+    assert set(rows) == {
+        (state, scenario)
+        for state in ("embedded", "redis")
+        for scenario in ("json-c1", "stream-c50")
+    }
+    for (state, scenario), g in rows.items():
+        assert g["requests"] > 0 and g["errors"] == 0, (state, scenario, g["statuses"])
+        assert set(g["statuses"]) == {"200"}
+        assert g["gateway_cpu_ms_per_request"] > 0 and g["peak_rss_mb"] > 0
+    assert rows["embedded", "stream-c50"]["ttft_p50_ms"] is not None
+    for scenario in ("json-c1", "stream-c50"):
+        direct = results["direct"][scenario]
+        assert direct["requests"] > 0 and direct["errors"] == 0
+    for kind in ("json", "stream"):
+        trips = results["redis_trips"][kind]
+        assert trips["outside_cache_per_request"] == 2.0, trips
+        assert trips["cache_per_request"] == 2.0, trips
+    assert "| state | scenario |" in proc.stdout and "Targets (redis state):" in proc.stdout
