@@ -395,22 +395,15 @@ def targets(results: dict[str, Any], state: str) -> list[tuple[str, str, bool | 
             lambda v: v <= 2,
             "{:.2f}",
         )
-    leak = results.get("leak", {}).get(state)
-    if leak:
-        add(
-            "no RSS growth from 10k to 100k requests (< 5 MB)",
-            leak["growth_mb"],
-            lambda v: v < 5,
-            "{:+.1f} MB",
-        )
-    failing = results.get("failure_leak", {}).get(state)
-    if failing:
-        add(
-            "no RSS growth from 10k to 100k failed requests (< 5 MB)",
-            failing["growth_mb"],
-            lambda v: v < 5,
-            "{:+.1f} MB",
-        )
+    for key, what in (("leak", "requests"), ("failure_leak", "failed requests")):
+        leak = results.get(key, {}).get(state)
+        if leak:
+            add(
+                f"no RSS growth from 10k to 100k {what} (< 5 MB)",
+                leak["growth_mb"],
+                lambda v: v < 5,
+                "{:+.1f} MB",
+            )
     return out
 
 
