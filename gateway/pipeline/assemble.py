@@ -6,6 +6,7 @@ rebuilt from the completion as SSE chunks."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -14,7 +15,7 @@ _MESSAGE_TEXT = ("content", "refusal", "reasoning_content")
 _TOP = ("id", "created", "model", "system_fingerprint", "service_tier")
 
 
-def assemble(payloads: list[bytes], usage: dict[str, Any] | None) -> dict[str, Any]:
+def assemble(payloads: Iterable[bytes], usage: dict[str, Any] | None) -> dict[str, Any]:
     """Fold stream chunk payloads into the ``chat.completion`` they describe.
 
     Every streamed answer that the cache stores comes through here once, so it keeps the
@@ -62,11 +63,17 @@ def assemble(payloads: list[bytes], usage: dict[str, Any] | None) -> dict[str, A
                     _add_tool_calls(msg.setdefault("tool_calls", []), tool_calls)
             lp = c.get("logprobs")
             if isinstance(lp, dict):
-                dst = choice["logprobs"] or {"content": None}
+                dst = choice["logprobs"]
+                if dst is None:
+                    dst = choice["logprobs"] = {"content": None}
                 for key in ("content", "refusal"):
-                    if isinstance(lp.get(key), list):
-                        dst[key] = (dst.get(key) or []) + lp[key]
-                choice["logprobs"] = dst
+                    items = lp.get(key)
+                    if isinstance(items, list):
+                        have = dst.get(key)
+                        if have is None:
+                            dst[key] = list(items)
+                        else:
+                            have.extend(items)  # not +: a long stream's would be quadratic
             if c.get("finish_reason"):
                 choice["finish_reason"] = c["finish_reason"]
     for (idx, field), parts in texts.items():
@@ -77,6 +84,33 @@ def assemble(payloads: list[bytes], usage: dict[str, Any] | None) -> dict[str, A
     if usage is not None:
         out["usage"] = usage
     return out
+
+
+def choice_texts(choices: Any, key: str) -> list[str]:
+    """The texts of a completion's (``key`` = "message") or a chunk's ("delta") choices, as
+    counted for usage: content, refusal, reasoning, tool names and arguments."""
+    texts: list[str] = []
+    if not isinstance(choices, list):
+        return texts
+    for c in choices:
+        if not isinstance(c, dict):
+            continue
+        part = c.get(key)
+        if not isinstance(part, dict):
+            continue
+        for field in ("content", "refusal", "reasoning_content"):
+            v = part.get(field)
+            if isinstance(v, str):
+                texts.append(v)
+        calls = part.get("tool_calls")
+        if isinstance(calls, list):
+            for call in calls:
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict):
+                    texts.extend(
+                        v for v in (fn.get("name"), fn.get("arguments")) if isinstance(v, str)
+                    )
+    return texts
 
 
 def _add_tool_calls(calls: list[dict[str, Any]], deltas: list[dict[str, Any]]) -> None:

@@ -23,7 +23,6 @@ import orjson
 from ..errors import state_unavailable
 from ..state.base import StateUnavailable
 from .admit import output_cap
-from .assemble import assemble
 from .context import RequestContext, interruptible
 from .stored import Stored
 
@@ -139,7 +138,7 @@ def _entry(ctx: RequestContext) -> bytes:
     model, u = ctx.model, ctx.usage
     assert model is not None and u is not None
     if ctx.stream:
-        body = orjson.dumps(assemble(ctx.streamed, ctx.usage_raw))
+        body = orjson.dumps(ctx.streamed.answer(ctx.usage_raw))
     else:
         body = ctx.response_body
     usage = {

@@ -16,6 +16,7 @@ from ..config.snapshot import Policy, Tenant
 from ..errors import GatewayError
 from ..state.base import AdmitResult, EndUserState, EndUserTerms, LedgerRow, WindowState
 from ..tokens import PromptInfo
+from .streamed import Streamed
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -164,7 +165,8 @@ class RequestContext:
     attempts: list[Attempt] = field(default_factory=list)
     usage: Usage | None = None
     usage_raw: dict[str, Any] | None = None  # the upstream's usage object, as sent
-    streamed: list[bytes] = field(default_factory=list)  # stream payloads, for counting
+    # the relayed stream, for counting (no usage from upstream) and for the cache
+    streamed: Streamed = field(default_factory=Streamed)
     first_byte_sent: bool = False
     completed: bool = False  # the full response reached the responder
     client_gone: bool = False

@@ -234,7 +234,7 @@ def _joined(events: list[bytes]) -> bytes:
 def _final_usage(ctx: RequestContext, chunk: dict[str, Any] | None) -> dict[str, Any]:
     """The usage chunk the client asked for, with what the request cost added."""
     if chunk is None:
-        first = orjson.loads(ctx.streamed[0]) if ctx.streamed else {}
+        first = orjson.loads(ctx.streamed.first) if ctx.streamed.first is not None else {}
         u = ctx.usage
         assert u is not None
         chunk = {

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 from ..config.catalog import Model
 from ..tokens import TokenCounter
+from .assemble import choice_texts
 from .context import RequestContext, Usage
 
 
@@ -30,31 +29,6 @@ def usage_from(u: Any) -> Usage | None:
     return Usage(prompt, completion, min(cached, prompt), reasoning, "upstream")
 
 
-def _choice_texts(choices: Any, key: str) -> list[str]:
-    texts: list[str] = []
-    if not isinstance(choices, list):
-        return texts
-    for c in choices:
-        if not isinstance(c, dict):
-            continue
-        part = c.get(key)
-        if not isinstance(part, dict):
-            continue
-        for field in ("content", "refusal", "reasoning_content"):
-            v = part.get(field)
-            if isinstance(v, str):
-                texts.append(v)
-        calls = part.get("tool_calls")
-        if isinstance(calls, list):
-            for call in calls:
-                fn = call.get("function") if isinstance(call, dict) else None
-                if isinstance(fn, dict):
-                    texts.extend(
-                        v for v in (fn.get("name"), fn.get("arguments")) if isinstance(v, str)
-                    )
-    return texts
-
-
 def counted_usage(
     tokens: TokenCounter, model: Model, prompt_tokens: int, texts: list[str]
 ) -> Usage:
@@ -65,20 +39,12 @@ def counted_usage(
 def count_json_response(ctx: RequestContext, model: Model, data: dict[str, Any]) -> Usage:
     """Usage of a non-stream answer that did not report it."""
     prompt = ctx.prompt.tokens if ctx.prompt else 0
-    texts = _choice_texts(data.get("choices"), "message") if ctx.endpoint == "chat" else []
+    texts = choice_texts(data.get("choices"), "message") if ctx.endpoint == "chat" else []
     return counted_usage(ctx.runtime.tokens, model, prompt, texts)
 
 
 def count_streamed(ctx: RequestContext, model: Model) -> Usage:
     """Usage of a stream from what was relayed, when the upstream sent no usage (cut
     short, or a server that ignores ``stream_options``)."""
-    texts: list[str] = []
-    for payload in ctx.streamed:
-        try:
-            chunk = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(chunk, dict):
-            texts.extend(_choice_texts(chunk.get("choices"), "delta"))
     prompt = ctx.prompt.tokens if ctx.prompt else 0
-    return counted_usage(ctx.runtime.tokens, model, prompt, texts)
+    return counted_usage(ctx.runtime.tokens, model, prompt, ctx.streamed.texts())
