@@ -39,6 +39,8 @@ from .services import (
     DRIVER_CORE,
     FAST_MODEL,
     LIMITED_KEY,
+    LONG_MODEL,
+    LONG_TOKENS,
     SLOW_MODEL,
     SLOW_RESPONSE_SECONDS,
     SLOW_UPSTREAM,
@@ -241,6 +243,35 @@ async def failure_leak_check(gw: Service) -> dict[str, Any]:
     out = await _rss_growth(gw, batch)
     out["statuses"] = statuses
     return out
+
+
+LONG_STREAMS = 100
+
+
+async def long_stream_memory(gw: Service) -> dict[str, Any]:
+    """Peak RSS while 100 streams of 20,000 tokens each run at once: what a stream keeps
+    of what it relayed must not grow with the length of the answer."""
+    template = chat_template(LONG_MODEL, stream=True, max_tokens=LONG_TOKENS)
+    peak_reset = tree_reset_peak(gw.pid)
+    t0 = time.perf_counter()
+    res = await run_load(
+        LoadSpec(
+            url=gw.url + CHAT,
+            concurrency=LONG_STREAMS,
+            body=lambda n: template % n,
+            stream=True,
+            headers=AUTH,
+            requests=LONG_STREAMS,
+        )
+    )
+    return {
+        "streams": LONG_STREAMS,
+        "tokens": LONG_TOKENS,
+        "errors": res.errors,
+        "peak_rss_mb": round(tree_memory_kb(gw.pid)["VmHWM"] / 1024, 1),
+        "peak_is_since_start": not peak_reset,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 async def _rss_growth(gw: Service, batch: Callable[[int], Awaitable[None]]) -> dict[str, Any]:
@@ -464,6 +495,12 @@ def report(results: dict[str, Any]) -> str:
             f"10k, {leak['rss_after_100k_mb']} MB after 100k ({leak['growth_mb']:+.1f} MB); "
             f"statuses {leak['statuses']}."
         )
+    for state, long in results.get("long_streams", {}).items():
+        parts.append(
+            f"\nLong streams ({state}): peak RSS {long['peak_rss_mb']} MB with "
+            f"{long['streams']} streams of {long['tokens']:,} tokens at once "
+            f"({long['seconds']} s, {long['errors']} errors)."
+        )
     for note in results["skipped"]:
         parts.append(f"\nSkipped: {note}")
     return "\n".join(parts)
@@ -489,6 +526,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "wrk": [],
         "leak": {},
         "failure_leak": {},
+        "long_streams": {},
         "skipped": [],
     }
     source: Path | None = args.gateway_src
@@ -581,6 +619,12 @@ async def _bench_state(
                 results["failure_leak"][state] = await failure_leak_check(gw)
             finally:
                 gw.stop()
+            print(f"{state:8} {LONG_STREAMS} long streams at once ...", file=sys.stderr)
+            gw = start_gateway(config, source=source, workers=args.workers)
+            try:
+                results["long_streams"][state] = await long_stream_memory(gw)
+            finally:
+                gw.stop()
         if state == "redis":
             delete_redis_prefix(redis_url, prefix)
 
@@ -602,7 +646,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--leak",
         action="store_true",
-        help="also RSS after 10k vs 100k requests, completed and failed",
+        help="also RSS after 10k vs 100k requests, completed and failed, and with long streams",
     )
     p.add_argument("--wrk", action="store_true", help="cross-check non-stream rows with wrk")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")

@@ -30,6 +30,8 @@ FAST_MODEL, SLOW_MODEL, EMBED_MODEL = "bench-fast", "bench-slow", "bench-embed"
 # A model on a provider nothing listens for: the leak check's failed requests (503s once
 # its circuit breaker is open).
 DOWN_MODEL = "bench-down"
+# Long answers, for the memory a stream keeps: 20,000 tokens each.
+LONG_MODEL, LONG_TOKENS = "bench-long", 20_000
 SLOW_TTFT_MS, SLOW_TOKEN_MS, SLOW_TOKENS = 200, 10, 16
 SLOW_UPSTREAM = f"bench-slow@ttft={SLOW_TTFT_MS},tpt={SLOW_TOKEN_MS},tokens={SLOW_TOKENS}"
 # how long one slow stream takes upstream (0.36 s)
@@ -173,6 +175,13 @@ def write_gateway_config(directory: Path, upstream_url: str, state: str, prefix:
                 "encoding": "o200k_base",
             },
             DOWN_MODEL: {"provider": "down", "price": price, "encoding": "o200k_base"},
+            LONG_MODEL: {
+                "provider": "bench",
+                "upstream_model": f"{LONG_MODEL}@tokens={LONG_TOKENS}",
+                "price": price,
+                "max_output_tokens": LONG_TOKENS,
+                "encoding": "o200k_base",
+            },
             EMBED_MODEL: {
                 "provider": "bench",
                 "upstream_model": EMBED_MODEL,
