@@ -606,25 +606,19 @@ async def _bench_state(
         finally:
             gw.stop()
         if args.leak:
-            print(f"{state:8} leak check (100k requests) ...", file=sys.stderr)
             (directory / "gateway.log").unlink(missing_ok=True)
-            gw = start_gateway(config, source=source, workers=args.workers)
-            try:
-                results["leak"][state] = await leak_check(gw, up)
-            finally:
-                gw.stop()
-            print(f"{state:8} leak check (100k failed requests) ...", file=sys.stderr)
-            gw = start_gateway(config, source=source, workers=args.workers)
-            try:
-                results["failure_leak"][state] = await failure_leak_check(gw)
-            finally:
-                gw.stop()
-            print(f"{state:8} {LONG_STREAMS} long streams at once ...", file=sys.stderr)
-            gw = start_gateway(config, source=source, workers=args.workers)
-            try:
-                results["long_streams"][state] = await long_stream_memory(gw)
-            finally:
-                gw.stop()
+            checks: list[tuple[str, str, Callable[[Service], Awaitable[dict[str, Any]]]]] = [
+                ("leak", "leak check (100k requests)", lambda gw: leak_check(gw, up)),
+                ("failure_leak", "leak check (100k failed requests)", failure_leak_check),
+                ("long_streams", f"{LONG_STREAMS} long streams at once", long_stream_memory),
+            ]
+            for key, what, check in checks:  # each on a fresh gateway
+                print(f"{state:8} {what} ...", file=sys.stderr)
+                gw = start_gateway(config, source=source, workers=args.workers)
+                try:
+                    results[key][state] = await check(gw)
+                finally:
+                    gw.stop()
         if state == "redis":
             delete_redis_prefix(redis_url, prefix)
 
