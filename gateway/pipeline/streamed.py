@@ -28,7 +28,7 @@ FOLD_BYTES = 64 * 1024
 class Streamed:
     """The payloads of the events relayed to the client, in order (see the module doc)."""
 
-    __slots__ = ("_blocks", "_fold_at", "_lengths", "_raw", "_size", "first")
+    __slots__ = ("_blocks", "_fold_at", "_raw", "_size", "first")
 
     def __init__(self, fold_at: int = FOLD_BYTES) -> None:
         # Made for every request, so only this; what folding needs comes when it does.
@@ -36,8 +36,8 @@ class Streamed:
         self._raw: list[bytes] = []
         self._size = 0
         self._fold_at = fold_at
-        self._blocks: list[bytes] = []  # compressed runs of payloads, in order
-        self._lengths: array[int] | None = None  # each compressed payload's length
+        # compressed runs of payloads, in order, each with its payloads' lengths
+        self._blocks: list[tuple[bytes, array[int]]] = []
 
     def append(self, payload: bytes) -> None:
         if self.first is None:
@@ -52,12 +52,10 @@ class Streamed:
 
     def payloads(self) -> Iterator[bytes]:
         """Every payload, in the order relayed."""
-        lengths = iter(self._lengths or ())
-        for block in self._blocks:
+        for block, lengths in self._blocks:
             data = zlib.decompress(block)
             at = 0
-            while at < len(data):
-                n = next(lengths)
+            for n in lengths:
                 yield data[at : at + n]
                 at += n
         yield from self._raw
@@ -82,9 +80,6 @@ class Streamed:
 
     def _fold(self) -> None:
         raw = self._raw
-        if self._lengths is None:
-            self._lengths = array("I")
-        self._lengths.extend(map(len, raw))
-        self._blocks.append(zlib.compress(b"".join(raw), 1))
+        self._blocks.append((zlib.compress(b"".join(raw), 1), array("I", map(len, raw))))
         raw.clear()
         self._size = 0
