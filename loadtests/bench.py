@@ -9,9 +9,13 @@ markdown table. Not a timed test: pytest never collects it.
 The gateway runs on core 0; the upstream and this process (the load generator) share
 core 1, and so does the redis-server the benchmark starts for Redis state. "CPU ms/req"
 is the gateway's utime+stime over the measured window (from /proc/<pid>/stat, all
-threads) divided by the requests completed in it; "peak RSS" is VmHWM, reset before each
-scenario. "core 1 busy" is the CPU of the upstream, the load generator and that Redis
-over the window: near 100 % means the driving side, not the gateway, limits the numbers.
+threads) divided by the requests completed in it, "kernel %" the share of it in the
+kernel (stime), "reads / writes per req" the gateway's read and write system calls (from
+/proc/<pid>/io: socket reads and writes, the access log's writes, the ledger's file
+writes; a count, so it does not vary with the machine's noise as CPU does); "peak RSS"
+is VmHWM, reset before each scenario. "core 1 busy" is the CPU of the upstream, the load
+generator and that Redis over the window: near 100 % means the driving side, not the
+gateway, limits the numbers.
 See README.md, "Benchmarks"."""
 
 from __future__ import annotations
@@ -115,14 +119,14 @@ def _load(sc: Scenario, url: str, model: str, headers: dict[str, str], t: Timing
     )
 
 
-async def _measure(spec: LoadSpec, pids: dict[str, int]) -> tuple[LoadResult, dict[str, float]]:
+async def _measure(spec: LoadSpec, pids: dict[str, int]) -> tuple[LoadResult, CpuWindow]:
     window = CpuWindow(pids)
 
     def edge(which: str) -> None:
         window.start() if which == "start" else window.stop()
 
     result = await run_load(spec, edge)
-    return result, window.used
+    return result, window
 
 
 def _driver_busy(res: LoadResult, used: dict[str, float]) -> float:
@@ -132,8 +136,8 @@ def _driver_busy(res: LoadResult, used: dict[str, float]) -> float:
 
 async def run_direct(sc: Scenario, up: Service, t: Timing) -> dict[str, Any]:
     model = SLOW_UPSTREAM if sc.slow else FAST_MODEL
-    res, used = await _measure(_load(sc, up.url, model, {}, t), {"upstream": up.pid})
-    return {**res.as_dict(), "driver_core_busy_pct": _driver_busy(res, used)}
+    res, window = await _measure(_load(sc, up.url, model, {}, t), {"upstream": up.pid})
+    return {**res.as_dict(), "driver_core_busy_pct": _driver_busy(res, window.used)}
 
 
 async def run_gateway(
@@ -150,13 +154,19 @@ async def run_gateway(
     pids = {"gateway": gw.pid, "upstream": up.pid}
     if redis is not None:
         pids["redis"] = redis.pid  # on the driver core: counted in driver_core_busy_pct
-    res, used = await _measure(spec, pids)
+    res, window = await _measure(spec, pids)
+    used = window.used
     mem = tree_memory_kb(gw.pid)  # with workers: all processes together
     done = res.requests + res.errors
     row: dict[str, Any] = {
         **res.as_dict(),
         "gateway_cpu_ms_per_request": round(used["gateway"] * 1000 / done, 3) if done else None,
         "gateway_cpu_pct": round(100 * used["gateway"] / res.seconds, 1),
+        "gateway_kernel_pct": (
+            round(100 * window.system["gateway"] / used["gateway"]) if used["gateway"] else None
+        ),
+        "gateway_reads_per_request": round(window.reads["gateway"] / done, 1) if done else None,
+        "gateway_writes_per_request": round(window.writes["gateway"] / done, 1) if done else None,
         "peak_rss_mb": round(mem["VmHWM"] / 1024, 1),
         "peak_is_since_start": not peak_reset,
         "rss_mb": round(mem["VmRSS"] / 1024, 1),
@@ -340,8 +350,8 @@ def _f(v: Any, nd: int = 2) -> str:
 def table(results: dict[str, Any]) -> str:
     head = (
         "| state | scenario | req/s | p50 ms | p99 ms | direct req/s | direct p50 | direct p99 "
-        "| added p50 ms | TTFT p50 ms (direct) | gw CPU ms/req | gw CPU % | peak RSS MB "
-        "| core-1 busy % | errors |"
+        "| added p50 ms | TTFT p50 ms (direct) | gw CPU ms/req | gw CPU % | kernel % "
+        "| reads / writes per req | peak RSS MB | core-1 busy % | errors |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in results["rows"]:
@@ -366,6 +376,9 @@ def table(results: dict[str, Any]) -> str:
                     ttft,
                     _f(g["gateway_cpu_ms_per_request"], 3),
                     _f(g["gateway_cpu_pct"], 0),
+                    _f(g.get("gateway_kernel_pct"), 0),
+                    f"{_f(g.get('gateway_reads_per_request'), 1)} / "
+                    f"{_f(g.get('gateway_writes_per_request'), 1)}",
                     _f(g["peak_rss_mb"], 0),
                     _f(g["driver_core_busy_pct"], 0),
                     _f(g["errors"]),

@@ -8,12 +8,25 @@ from pathlib import Path
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of every thread of ``pid`` so far (10 ms resolution)."""
+def user_system_seconds(pid: int) -> tuple[float, float]:
+    """(utime, stime) of every thread of ``pid`` so far, in the process and in the kernel
+    (10 ms resolution)."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def io_calls(pid: int) -> tuple[int, int]:
+    """(read, write) system calls of every thread of ``pid`` so far, from
+    ``/proc/<pid>/io``: read/readv/pread and write/writev/pwrite, which is how the event
+    loop reads and writes its sockets (sendmsg, recvmsg and epoll are not counted)."""
+    calls = {"syscr": 0, "syscw": 0}
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in calls:
+            calls[key] = int(value)
+    return calls["syscr"], calls["syscw"]
 
 
 def memory_kb(pid: int) -> dict[str, int]:
@@ -49,16 +62,6 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    total = 0.0
-    for p in tree(pid):
-        try:
-            total += cpu_seconds(p)
-        except OSError:
-            continue
-    return total
-
-
 def tree_memory_kb(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM summed over ``pid`` and its descendants."""
     out = {"VmRSS": 0, "VmHWM": 0}
@@ -79,17 +82,39 @@ def tree_reset_peak(pid: int) -> bool:
 
 class CpuWindow:
     """CPU seconds of some processes, each with its descendants, between ``start()`` and
-    ``stop()``."""
+    ``stop()``; and for each, the share of them spent in the kernel and its read and
+    write system calls."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
-        self._start: dict[str, float] = {}
+        self._start: dict[str, tuple[float, float, int, int]] = {}
         self.used: dict[str, float] = {}
+        self.system: dict[str, float] = {}  # of ``used``, in the kernel
+        self.reads: dict[str, int] = {}
+        self.writes: dict[str, int] = {}
 
     def start(self) -> None:
-        self._start = {name: tree_cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._start = {name: _tree_counters(pid) for name, pid in self.pids.items()}
 
     def stop(self) -> None:
-        self.used = {
-            name: tree_cpu_seconds(pid) - self._start[name] for name, pid in self.pids.items()
-        }
+        for name, pid in self.pids.items():
+            user, system, reads, writes = _tree_counters(pid)
+            user0, system0, reads0, writes0 = self._start[name]
+            self.used[name] = user - user0 + system - system0
+            self.system[name] = system - system0
+            self.reads[name] = reads - reads0
+            self.writes[name] = writes - writes0
+
+
+def _tree_counters(pid: int) -> tuple[float, float, int, int]:
+    """utime, stime, read and write calls of ``pid`` and its descendants."""
+    user = system = 0.0
+    reads = writes = 0
+    for p in tree(pid):
+        try:
+            u, s = user_system_seconds(p)
+            r, w = io_calls(p)
+        except OSError:  # a process that just ended
+            continue
+        user, system, reads, writes = user + u, system + s, reads + r, writes + w
+    return user, system, reads, writes

@@ -57,6 +57,10 @@ def test_a_short_benchmark_run_completes_without_errors(tmp_path: Path) -> None:
         assert g["requests"] > 0 and g["errors"] == 0, (state, scenario, g["statuses"])
         assert set(g["statuses"]) == {"200"}
         assert g["gateway_cpu_ms_per_request"] > 0 and g["peak_rss_mb"] > 0
+        assert 0 <= g["gateway_kernel_pct"] <= 100
+        # at least: the request and the upstream's answer read, the upstream request
+        # and the answer written
+        assert g["gateway_reads_per_request"] >= 2 and g["gateway_writes_per_request"] >= 2
     assert rows["embedded", "stream-c50"]["ttft_p50_ms"] is not None
     for scenario in ("json-c1", "stream-c50"):
         direct = results["direct"][scenario]
