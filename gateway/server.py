@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -12,6 +13,7 @@ from litestar.types import ASGIApp
 
 from .app import create_app
 from .config import LoadedConfig, load_config, load_policy
+from .listen import ListenError, listen_sockets
 from .logs import setup_logging
 from .runtime import Runtime
 
@@ -84,5 +86,17 @@ def serve(config_path: str, host: str | None, port: int | None, workers: int | N
         )
         return
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    options = _uvicorn_options()
+    try:
+        sockets = listen_sockets(host, port, backlog=int(str(options["backlog"])))
+    except ListenError as exc:
+        raise SystemExit(f"gateway: {exc}") from None
     app = create_app(Runtime(loaded, policy=policy), tune_gc=True)
-    uvicorn.run(app, host=host, port=port, **_uvicorn_options())  # type: ignore[arg-type]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **options))  # type: ignore[arg-type]
+    shown = sockets[0].getsockname()
+    logging.getLogger("gateway").info(
+        "listening on %s:%s (%d sockets)", shown[0], shown[1], len(sockets)
+    )
+    server.run(sockets=sockets)
+    if not server.started:
+        raise SystemExit(3)  # uvicorn's STARTUP_FAILURE: the app's startup failed
