@@ -5,9 +5,11 @@ libuv (under uvloop) accepts one connection per listening socket per pass of the
 loop. Under load a pass takes 10-30 ms, so with one socket, 500 clients connecting at
 once to a busy gateway waited in the kernel's accept queue for up to 6 s (measured with
 wrk at c=500, ``ss`` showing 455-501 connections queued; the requests themselves took
-at most 221 ms inside the gateway). With ``count`` sockets bound to the
-same port (``SO_REUSEPORT``: the kernel spreads new connections over them), the loop
-accepts up to ``count`` per pass."""
+at most 221 ms inside the gateway). With ``count`` sockets bound to the same port
+(``SO_REUSEPORT``: the kernel spreads new connections over them by a hash), the loop
+accepts up to ``count`` per pass. 16 sockets still left a connection waiting 1.5 s (the
+hash had put 43 in one socket's queue); with 64 the longest wait was 0.1-0.6 s in three
+runs, and wrk's p99 at c=500 228-360 ms."""
 
 from __future__ import annotations
 
@@ -31,7 +33,10 @@ def listen_sockets(
     two servers)."""
     if not hasattr(socket, "SO_REUSEPORT"):
         count = 1
-    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     addresses = list(dict.fromkeys((family, address) for family, _, _, _, address in found))
     sockets: list[socket.socket] = []
     try:

@@ -18,6 +18,7 @@ from .logs import setup_logging
 from .runtime import Runtime
 
 CONFIG_ENV = "GATEWAY_CONFIG"
+BACKLOG = 4096  # connections waiting to be accepted, per listening socket
 
 
 def _uvicorn_options() -> dict[str, object]:
@@ -35,7 +36,7 @@ def _uvicorn_options() -> dict[str, object]:
         "proxy_headers": False,
         "access_log": False,
         "log_config": None,
-        "backlog": 4096,
+        "backlog": BACKLOG,
         # SDK clients keep connections open between calls.
         "timeout_keep_alive": 75,
         "timeout_graceful_shutdown": 30,
@@ -88,7 +89,7 @@ def serve(config_path: str, host: str | None, port: int | None, workers: int | N
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     options = _uvicorn_options()
     try:
-        sockets = listen_sockets(host, port, backlog=int(str(options["backlog"])))
+        sockets = listen_sockets(host, port, backlog=BACKLOG)
     except ListenError as exc:
         raise SystemExit(f"gateway: {exc}") from None
     app = create_app(Runtime(loaded, policy=policy), tune_gc=True)

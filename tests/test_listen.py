@@ -140,3 +140,8 @@ def test_gateway_serve_listens_on_its_sockets_and_refuses_a_taken_port(
         assert _listeners_on(port) == LISTEN_SOCKETS  # the first one is untouched
     finally:
         gw.stop()
+
+
+def test_an_address_that_is_not_there_is_refused() -> None:
+    with pytest.raises(ListenError, match=r"cannot listen on no-such-host\.invalid:8080"):
+        listen_sockets("no-such-host.invalid", 8080, backlog=128)
