@@ -41,15 +41,12 @@ def listen_sockets(
     sockets: list[socket.socket] = []
     try:
         for family, address in addresses:
-            if port:
-                address = (*address[:1], port, *address[2:])
-                if count > 1:
-                    _refuse_if_taken(family, address)
+            if port and count > 1:
+                _refuse_if_taken(family, _at(address, port))
             for _ in range(count):
-                sock = _bound(family, address, reuse_port=count > 1)
+                sock = _bound(family, _at(address, port), reuse_port=count > 1)
                 sockets.append(sock)
                 port = sock.getsockname()[1]  # port 0: the rest join the port it got
-                address = (*address[:1], port, *address[2:])
                 sock.listen(backlog)
                 sock.setblocking(False)
     except BaseException:
@@ -72,6 +69,11 @@ def _bound(family: int, address: tuple[Any, ...], reuse_port: bool) -> socket.so
         sock.close()
         raise ListenError(f"cannot listen on {_show(address)}: {exc.strerror}") from None
     return sock
+
+
+def _at(address: tuple[Any, ...], port: int) -> tuple[Any, ...]:
+    """``address`` (an IPv4 or IPv6 socket address) with ``port``."""
+    return (address[0], port, *address[2:])
 
 
 def _show(address: tuple[Any, ...]) -> str:

@@ -21,20 +21,22 @@ def io_calls(pid: int) -> tuple[int, int]:
     """(read, write) system calls of every thread of ``pid`` so far, from
     ``/proc/<pid>/io``: read/readv/pread and write/writev/pwrite, which is how the event
     loop reads and writes its sockets (sendmsg, recvmsg and epoll are not counted)."""
-    calls = {"syscr": 0, "syscw": 0}
-    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in calls:
-            calls[key] = int(value)
-    return calls["syscr"], calls["syscw"]
+    calls = _proc_fields(pid, "io", ("syscr", "syscw"))
+    return calls.get("syscr", 0), calls.get("syscw", 0)
 
 
 def memory_kb(pid: int) -> dict[str, int]:
     """VmRSS (now) and VmHWM (peak since start or the last reset_peak) in KiB."""
+    return _proc_fields(pid, "status", ("VmRSS", "VmHWM"))
+
+
+def _proc_fields(pid: int, name: str, keys: tuple[str, ...]) -> dict[str, int]:
+    """The numbers of ``keys`` in ``/proc/<pid>/<name>``, a file of ``key: value [unit]``
+    lines."""
     out: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
+        if key in keys:
             out[key] = int(value.split()[0])
     return out
 
