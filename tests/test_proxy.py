@@ -15,6 +15,8 @@ from fake_upstream import FakeUpstream
 from servers.configs import PROVIDER_KEY, directive, gateway_config, policy, tenant
 from servers.gateway import Gateway, free_port
 
+from gateway.api import asgi
+
 MSG = [{"role": "user", "content": "Say something about the sea"}]
 TOOLS = [
     {
@@ -266,6 +268,31 @@ def test_client_disconnect_cancels_the_upstream(gw: Gateway, fake: FakeUpstream)
     assert row["status"] == 499 and row["error_code"] == "client_disconnected"
     assert 0 < row["completion_tokens"] < 50 and row["usage_source"] == "counted"
     assert int(row["cost"]) > 0
+
+
+def test_under_uvicorn_a_disconnect_is_noticed_at_once_without_the_late_watcher(
+    gw: Gateway, fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection itself tells (CycleWatch): with the task-based watcher pushed out
+    of reach, a client that leaves while the upstream thinks still cancels the call, and
+    soon after it left."""
+    monkeypatch.setattr(asgi, "WATCH_AFTER_SECONDS", 3600.0)
+    aborted = fake.stats()["aborted"]
+    with pytest.raises(httpx.ReadTimeout), gw.http(timeout=0.1) as http:
+        http.post(
+            "/v1/chat/completions",
+            json={"model": "cheap", "messages": MSG, **directive(delay=5)},
+            headers={"Authorization": "Bearer key-1"},
+        )
+    left = time.monotonic()
+    while fake.stats()["aborted"] == aborted and time.monotonic() < left + 3:
+        time.sleep(0.01)
+    assert fake.stats()["aborted"] > aborted, "the upstream call was not cancelled"
+    time.sleep(0.2)
+    ledger = gw.http().get("/admin/ledger", headers={"Authorization": "Bearer admin-key"}).json()
+    row = ledger["data"][0]
+    assert (row["status"], row["error_code"], row["cost"]) == (499, "client_disconnected", 0)
+    assert row["latency_ms"] < 1000, "noticed long after the client left"
 
 
 def test_concurrent_clients(gw: Gateway) -> None:

@@ -16,7 +16,7 @@ from ..errors import method_not_allowed
 from ..pipeline.context import RequestContext, new_request_id
 from ..pipeline.run import handle
 from ..runtime import Runtime
-from .asgi import AsgiResponder, ClientDisconnected, DisconnectWatch, read_body, send_error
+from .asgi import AsgiResponder, ClientDisconnected, Watch, read_body, send_error, watch_disconnect
 
 
 def proxy_endpoint(rt: Runtime, path: str, endpoint: str, upstream_path: str) -> ASGIApp:
@@ -34,7 +34,7 @@ def proxy_endpoint(rt: Runtime, path: str, endpoint: str, upstream_path: str) ->
         out = AsgiResponder(send)
         task = asyncio.current_task()
         assert task is not None
-        watcher: DisconnectWatch | None = None
+        watcher: Watch | None = None
 
         async def body() -> bytes:
             nonlocal watcher
@@ -43,7 +43,7 @@ def proxy_endpoint(rt: Runtime, path: str, endpoint: str, upstream_path: str) ->
             except ClientDisconnected:
                 out.disconnected = True
                 raise
-            watcher = DisconnectWatch(receive, out, task)
+            watcher = watch_disconnect(receive, out, task)
             return raw
 
         ctx = RequestContext(
