@@ -70,3 +70,7 @@ def test_a_short_benchmark_run_completes_without_errors(tmp_path: Path) -> None:
         assert trips["outside_cache_per_request"] == 2.0, trips
         assert trips["cache_per_request"] == 2.0, trips
     assert "| state | scenario |" in proc.stdout and "Targets (redis state):" in proc.stdout
+    interp = results["machine"]["interpreter"]
+    assert interp["executable"] == sys.executable and interp["reference_ms"] > 0
+    assert interp["libpython"] in ("shared", "static")
+    assert f"fib(25) in {interp['reference_ms']} ms" in proc.stdout
