@@ -321,10 +321,10 @@ async def redis_trips(gw: Service, url: str, prefix: str, n: int = 200) -> dict[
 
 def interpreter() -> dict[str, Any]:
     """Which CPython runs the benchmark (the gateway runs on the same one) and how fast it
-    runs plain Python: builds differ by more than a change to the gateway does. Measured
-    on one VM: pyenv's default build (no PGO or LTO, libpython a shared library) took 6.9
-    ms for the reference, Debian's python3.11 (PGO, LTO, static) 5.9 ms; the Docker image's
-    python:3.11-slim is built with PGO and LTO."""
+    runs plain Python at the start: builds differ by more than a change to the gateway
+    does (pyenv's default build, without PGO or LTO and with libpython shared, took 6-9 %
+    more CPU per request than Debian's python3.11, built with both; so is the Docker
+    image's python:3.11-slim), and these VMs' speed drifts."""
 
     def fib(n: int) -> int:
         return n if n < 2 else fib(n - 1) + fib(n - 2)
