@@ -270,6 +270,30 @@ def test_client_disconnect_cancels_the_upstream(gw: Gateway, fake: FakeUpstream)
     assert int(row["cost"]) > 0
 
 
+def _leave_before_the_answer(
+    gw: Gateway, fake: FakeUpstream, timeout: float, delay: float
+) -> dict[str, Any]:
+    """A non-stream request whose client gives up after ``timeout`` s while the upstream
+    thinks for ``delay`` s: the upstream call is cancelled, and its ledger row (returned)
+    is a client disconnect that costs nothing."""
+    aborted = fake.stats()["aborted"]
+    with pytest.raises(httpx.ReadTimeout), gw.http(timeout=timeout) as http:
+        http.post(
+            "/v1/chat/completions",
+            json={"model": "cheap", "messages": MSG, **directive(delay=delay)},
+            headers={"Authorization": "Bearer key-1"},
+        )
+    deadline = time.monotonic() + 3
+    while fake.stats()["aborted"] == aborted and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert fake.stats()["aborted"] > aborted, "the upstream call was not cancelled"
+    time.sleep(0.2)
+    ledger = gw.http().get("/admin/ledger", headers={"Authorization": "Bearer admin-key"}).json()
+    row: dict[str, Any] = ledger["data"][0]
+    assert (row["status"], row["error_code"], row["cost"]) == (499, "client_disconnected", 0)
+    return row
+
+
 def test_under_uvicorn_a_disconnect_is_noticed_at_once_without_the_late_watcher(
     gw: Gateway, fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -277,21 +301,7 @@ def test_under_uvicorn_a_disconnect_is_noticed_at_once_without_the_late_watcher(
     of reach, a client that leaves while the upstream thinks still cancels the call, and
     soon after it left."""
     monkeypatch.setattr(asgi, "WATCH_AFTER_SECONDS", 3600.0)
-    aborted = fake.stats()["aborted"]
-    with pytest.raises(httpx.ReadTimeout), gw.http(timeout=0.1) as http:
-        http.post(
-            "/v1/chat/completions",
-            json={"model": "cheap", "messages": MSG, **directive(delay=5)},
-            headers={"Authorization": "Bearer key-1"},
-        )
-    left = time.monotonic()
-    while fake.stats()["aborted"] == aborted and time.monotonic() < left + 3:
-        time.sleep(0.01)
-    assert fake.stats()["aborted"] > aborted, "the upstream call was not cancelled"
-    time.sleep(0.2)
-    ledger = gw.http().get("/admin/ledger", headers={"Authorization": "Bearer admin-key"}).json()
-    row = ledger["data"][0]
-    assert (row["status"], row["error_code"], row["cost"]) == (499, "client_disconnected", 0)
+    row = _leave_before_the_answer(gw, fake, timeout=0.1, delay=5)
     assert row["latency_ms"] < 1000, "noticed long after the client left"
 
 
@@ -317,20 +327,6 @@ def test_concurrent_clients(gw: Gateway) -> None:
 def test_client_gone_before_a_non_stream_answer_pays_nothing(
     gw: Gateway, fake: FakeUpstream
 ) -> None:
-    aborted = fake.stats()["aborted"]
-    with pytest.raises(httpx.ReadTimeout), gw.http(timeout=0.8) as http:
-        http.post(
-            "/v1/chat/completions",
-            json={"model": "cheap", "messages": MSG, **directive(delay=3)},
-            headers={"Authorization": "Bearer key-1"},
-        )
-    deadline = time.monotonic() + 5
-    while fake.stats()["aborted"] == aborted and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert fake.stats()["aborted"] > aborted, "the upstream call was not cancelled"
-    time.sleep(0.2)
-    ledger = gw.http().get("/admin/ledger", headers={"Authorization": "Bearer admin-key"}).json()
-    row = ledger["data"][0]
-    assert (row["status"], row["error_code"], row["cost"]) == (499, "client_disconnected", 0)
+    _leave_before_the_answer(gw, fake, timeout=0.8, delay=3)
     usage = gw.http().get("/v1/gateway/usage", headers={"Authorization": "Bearer key-1"}).json()
     assert usage["windows"][0]["reserved_usd"] == "0.000000000", "the reservation is released"
