@@ -323,8 +323,8 @@ def interpreter() -> dict[str, Any]:
     """Which CPython runs the benchmark (the gateway runs on the same one) and how fast it
     runs plain Python at the start: builds differ by more than a change to the gateway
     does (pyenv's default build, without PGO or LTO and with libpython shared, took 6-9 %
-    more CPU per request than Debian's python3.11, built with both; so is the Docker
-    image's python:3.11-slim), and these VMs' speed drifts."""
+    more CPU per request than Debian's python3.11, built with both as the Docker image's
+    python:3.11-slim is), and these VMs' speed drifts."""
 
     def fib(n: int) -> int:
         return n if n < 2 else fib(n - 1) + fib(n - 2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 from litestar.types import Receive, Send
@@ -172,7 +173,7 @@ class _CallingEvent(asyncio.Event):
     """uvicorn's event of one request, set when body data comes, when the response is
     complete and when the connection is lost, which also calls ``on_set``."""
 
-    def __init__(self, was_set: bool, on_set: Any) -> None:
+    def __init__(self, was_set: bool, on_set: Callable[[], None] | None) -> None:
         super().__init__()
         if was_set:
             super().set()
@@ -200,7 +201,9 @@ class CycleWatch(Watch):
         self._task: asyncio.Task[Any] | None = task
         # Read fully by now, nothing else waits on the event.
         self._event = c.message_event = _CallingEvent(c.message_event.is_set(), self._check)
-        c.flow.resume_reading()  # as uvicorn's receive() does: a closed connection shows
+        # As uvicorn's receive() does before it waits: only a connection being read shows
+        # that it closed.
+        c.flow.resume_reading()
         self._check()  # a client that left already
 
     def _check(self) -> None:
