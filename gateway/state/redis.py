@@ -376,8 +376,12 @@ class RedisState(StateBackend):
             raise self._unavailable(exc, doing) from exc
 
     async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        # _run() written out: every request runs two or four of these.
         sha, source = self._shas[name]
-        return await self._run(f"running {name}", self._fast.evalsha(sha, source, keys, args))
+        try:
+            return await self._fast.evalsha(sha, source, keys, args)
+        except RedisError as exc:
+            raise self._unavailable(exc, f"running {name}") from exc
 
     async def _note_ledger(self, tenant: str) -> None:
         """Add ``tenant`` to the tenants set (once per process) before its first row, so
@@ -478,7 +482,8 @@ class RedisState(StateBackend):
         )
 
     async def settle(self, s: Settlement) -> SettleResult:
-        await self._note_ledger(s.tenant)
+        if s.tenant not in self._ledger_tenants:
+            await self._note_ledger(s.tenant)
         keys = [*self._money_keys(s.tenant), self._key("ledger", s.tenant)]
         eu = s.end_user
         if eu is not None:

@@ -18,6 +18,7 @@ from state_support import REDIS_URL, START_MS, utc_ms
 
 from gateway.clock import ManualClock
 from gateway.config.snapshot import BudgetLimits
+from gateway.state import resp
 from gateway.state.base import (
     Admission,
     AdmitResult,
@@ -818,14 +819,14 @@ async def test_admit_and_settle_are_one_round_trip_each(
         return await execute(*args, **kwargs)
 
     monkeypatch.setattr(client, "execute_command", counting)
-    fast = redis_backend._fast  # the pipelining client the scripts go through
-    call = fast.call
+    # The pipelining client the scripts go through: every command it writes, by name.
+    send = resp._Connection.send
 
-    async def counting_fast(*args: object) -> object:
-        commands.append(str(args[0]))
-        return await call(*args)
+    def counting_send(conn: resp._Connection, packed: bytes) -> object:
+        commands.append(packed.split(b"\r\n")[2].decode())
+        return send(conn, packed)
 
-    monkeypatch.setattr(fast, "call", counting_fast)
+    monkeypatch.setattr(resp._Connection, "send", counting_send)
     b = BudgetLimits(daily=10_000)
     for i in range(3):
         await redis_backend.admit(admission(f"r{i}", 10, budgets=b))

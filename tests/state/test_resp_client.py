@@ -93,6 +93,40 @@ async def test_a_timeout_closes_the_connection_so_replies_stay_matched(
     client.close()
 
 
+async def test_calls_behind_a_stuck_one_time_out_with_it(server: PrivateRedis) -> None:
+    """One timer per connection: when the oldest call is past its deadline, the calls
+    pipelined behind it fail too (their replies would come after the stuck one's), as
+    timeouts, and at once rather than each at its own deadline."""
+    client = RespClient(dict(server.client()._kw), size=1, timeout=0.3)
+    assert await client.call("PING") == b"PONG"
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    stuck = asyncio.ensure_future(client.call("BLPOP", "nothing-here", 2))
+    await asyncio.sleep(0.1)
+    behind = asyncio.ensure_future(client.call("ECHO", "behind"))
+    for call in (stuck, behind):
+        with pytest.raises(RedisTimeoutError, match=r"within 0\.3s"):
+            await call
+    assert 0.25 < loop.time() - t0 < 0.6  # the stuck call's deadline, not behind's own
+    assert await client.call("ECHO", "fresh") == b"fresh"  # on a new connection
+    client.close()
+
+
+async def test_the_deadline_is_each_calls_own(server: PrivateRedis) -> None:
+    """Calls answered in time never time out, however long the connection is busy:
+    the one timer follows the oldest call still waiting."""
+    client = RespClient(dict(server.client()._kw), size=1, timeout=0.2)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    n = 0
+    while loop.time() - t0 < 0.7:  # several timeouts long, a call always in flight
+        replies = await asyncio.gather(client.call("ECHO", "a"), asyncio.sleep(0.02))
+        assert replies[0] == b"a"
+        n += 1
+    assert n > 10
+    client.close()
+
+
 async def test_reconnects_after_the_server_comes_back(server: PrivateRedis) -> None:
     client = server.client()
     assert await client.call("PING") == b"PONG"
@@ -128,7 +162,7 @@ async def test_a_command_on_a_closed_connection_fails_at_once(server: PrivateRed
     """Not after the call's timeout: nothing would ever answer it."""
     client = server.client(timeout=5.0)
     assert await client.call("PING") == b"PONG"
-    conn = await client._connection()
+    conn = await client._connection(0)
     conn.close()
     await asyncio.sleep(0.05)  # its connection_lost has run: no one fails the call later
     with pytest.raises(RedisConnectionError):
