@@ -74,3 +74,24 @@ def test_a_short_benchmark_run_completes_without_errors(tmp_path: Path) -> None:
     assert interp["executable"] == sys.executable and interp["reference_ms"] > 0
     assert interp["libpython"] in ("shared", "static")
     assert f"fib(25) in {interp['reference_ms']} ms" in proc.stdout
+
+
+@pytest.mark.skipif(
+    shutil.which("valgrind") is None or shutil.which("callgrind_control") is None,
+    reason="needs valgrind",
+)
+def test_instruction_counts_run_end_to_end(tmp_path: Path) -> None:
+    """``loadtests.instructions``: the gateway under callgrind, counters zeroed after the
+    warm-up and dumped after the measured requests, a count per request reported."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtests.instructions", "--state", "embedded",
+         "--scenarios", "json-c50", "--requests", "60", "--warmup", "20",
+         "--keep", str(tmp_path)],
+        cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| embedded |"))
+    per_request = int(row.split("|")[3].replace(",", ""))
+    # more than the request's parsing alone; less than the whole start-up (not counted)
+    assert 100_000 < per_request < 50_000_000, row
+    assert (tmp_path / "embedded-json-c50.out").stat().st_size > 0
