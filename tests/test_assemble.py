@@ -4,12 +4,15 @@ streamed answer), for any way the upstream splits the text into chunks."""
 from __future__ import annotations
 
 import itertools
+import json
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.pipeline import assemble as assemble_module
 from gateway.pipeline.assemble import assemble, to_chunks
 
 TEXT = st.text(alphabet="ab é\n", max_size=12)
@@ -137,3 +140,128 @@ def test_to_chunks_and_back() -> None:
     }  # fmt: skip
     payloads = [orjson.dumps(c) for c in to_chunks(completion)]
     assert assemble(payloads, None) == completion
+
+
+# -- token chunks read without parsing (_TokenChunks) -------------------------------------
+
+# Content that could confuse a reader of bytes: quotes, backslashes, braces, escapes, the
+# very text that marks where content starts, non-ASCII.
+TRICKY = st.lists(
+    st.sampled_from(
+        ["a", " ", '"', "\\", "}", "{", ",", ":", "\n", "\u00e9", "\u2028", "\U0001f600",
+         '"delta":{"content":"', '"},"x":{"y":"', "\\u0041"]
+    ),
+    max_size=6,
+).map("".join)  # fmt: skip
+
+
+def _serialise(chunk: dict[str, Any], how: str) -> bytes:
+    if how == "orjson":
+        return orjson.dumps(chunk)
+    if how == "spaces":  # Python's json defaults: ", " and ": ", non-ASCII escaped
+        return json.dumps(chunk).encode()
+    return json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+@st.composite
+def token_streams(draw: st.DrawFn) -> list[bytes]:
+    """A stream of mostly plain token chunks, written one way, with odd chunks mixed in:
+    other fields in the delta or the choice, another index, usage, and payloads made to
+    share a plain chunk's bytes around a content that is not one string."""
+    how = draw(st.sampled_from(["orjson", "spaces", "raw"]))
+    head: dict[str, Any] = {"id": "chatcmpl-7", "object": "chat.completion.chunk",
+                            "created": 9, "model": "m"}  # fmt: skip
+    if draw(st.booleans()):
+        head["system_fingerprint"] = "fp_1"
+    if draw(st.booleans()):  # before the choices: what looks like a delta, but is not
+        head["x_debug"] = {"delta": {"content": draw(TRICKY)}}
+    with_usage = draw(st.booleans())
+
+    def chunk(choice: dict[str, Any], usage: Any = None) -> bytes:
+        body: dict[str, Any] = {**head, "choices": [choice]}
+        if with_usage or usage is not None:
+            body["usage"] = usage
+        return _serialise(body, how)
+
+    def plain(text: str) -> dict[str, Any]:
+        return {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+
+    out = [chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
+                  "logprobs": None, "finish_reason": None})]  # fmt: skip
+    for _ in range(draw(st.integers(0, 12))):
+        kind = draw(
+            st.sampled_from(
+                ["plain"] * 6
+                + [
+                    "refusal",
+                    "both",
+                    "logprobs",
+                    "index1",
+                    "extra",
+                    "usage",
+                    "spliced",
+                    "finish",
+                    "odd_finish",
+                ]
+            )
+        )
+        text = draw(TRICKY)
+        if kind == "plain":
+            out.append(chunk(plain(text)))
+        elif kind == "refusal":
+            out.append(chunk({**plain(""), "delta": {"refusal": text}}))
+        elif kind == "both":
+            out.append(chunk({**plain(""), "delta": {"content": text, "refusal": "r"}}))
+        elif kind == "logprobs":
+            out.append(chunk({**plain(text), "logprobs": {"content": [{"token": "t"}]}}))
+        elif kind == "index1":
+            out.append(chunk({**plain(text), "index": 1}))
+        elif kind == "extra":
+            out.append(chunk({**plain(text), "x_extra": 1}))
+        elif kind == "usage":
+            out.append(chunk(plain(text), usage={"prompt_tokens": 1}))
+        elif kind == "finish":
+            out.append(chunk({**plain(text), "finish_reason": "stop"}))
+        elif kind == "odd_finish":  # "ok" is as long as null: only the bytes differ
+            out.append(chunk({**plain(text), "finish_reason": "ok"}))
+        else:  # a plain chunk's bytes around a middle that closes the string early
+            marker = "QQMIDDLEQQ"
+            framed = chunk(plain(marker))
+            middle = _serialise({"k": text}, how)[len(_serialise({"k": ""}, how)) - 2 : -2]
+            out.append(framed.replace(marker.encode(), middle + b'","x":"' + middle))
+    if draw(st.booleans()):  # else the stream was cut short
+        out.append(chunk({**plain(""), "delta": {}, "finish_reason": "stop"}))
+    return out
+
+
+def _parsed_in_full(payloads: list[bytes]) -> dict[str, Any]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(assemble_module._TokenChunks, "of", classmethod(lambda *a: None))
+        return assemble(payloads, None)
+
+
+@settings(max_examples=500, deadline=None)
+@given(token_streams())
+def test_token_chunks_read_without_parsing_give_what_parsing_gives(payloads: list[bytes]) -> None:
+    """Whatever the upstream's spacing, escaping and mix of chunks, the answer is the one
+    that parsing every chunk gives."""
+    assert assemble(payloads, None) == _parsed_in_full(payloads)
+
+
+def test_a_plain_token_chunk_is_read_without_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    head = b'{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":'
+    tokens = (b"He", b"llo", rb" \\\"w\u00e9")
+    payloads = [head + b'[{"index":0,"delta":{"content":"%b"},"logprobs":null,'
+                b'"finish_reason":null}]}' % t for t in tokens]  # fmt: skip
+    parsed: list[bytes] = []
+    loads = orjson.loads
+
+    def counting(data: bytes) -> Any:
+        if data in payloads:
+            parsed.append(data)
+        return loads(data)
+
+    monkeypatch.setattr(assemble_module.orjson, "loads", counting)
+    got = assemble(payloads, None)
+    assert got["choices"][0]["message"]["content"] == 'Hello \\"w\u00e9'
+    assert parsed == payloads[:1]  # the first in full; the others by their content only

@@ -6,6 +6,7 @@ rebuilt from the completion as SSE chunks."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,19 +15,93 @@ import orjson
 _MESSAGE_TEXT = ("content", "refusal", "reasoning_content")
 _TOP = ("id", "created", "model", "system_fingerprint", "service_tier")
 
+# Where a chunk's only delta field, its content, starts: the opening quote of the string.
+_CONTENT_AT = re.compile(rb'"delta"\s*:\s*\{\s*"content"\s*:\s*"')
+# The rest of a JSON string's body, up to and including its closing quote.
+_STRING_REST = re.compile(rb'(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+class _TokenChunks:
+    """The bytes around the content of a stream's token chunks, to read the content of the
+    next ones without parsing them.
+
+    An upstream writes every token chunk of a stream the same way (same id, created,
+    model, fingerprint, key order, spacing); only the content string differs. Taken from
+    a chunk whose one choice has index 0 and a delta with content only, and nothing else
+    set: ``prefix`` ends at the opening quote of the content, ``suffix`` starts at its
+    closing quote, and a probe proves it (another string put between them parses as the
+    same chunk with that content). A payload that starts with ``prefix``, ends with
+    ``suffix`` and has a valid JSON string between them is then that same chunk with
+    another content, since a string holds no unescaped quote; anything else is parsed in
+    full."""
+
+    __slots__ = ("parts", "plen", "prefix", "slen", "suffix")
+
+    def __init__(self, prefix: bytes, suffix: bytes, parts: list[str]) -> None:
+        self.prefix, self.suffix, self.parts = prefix, suffix, parts
+        self.plen, self.slen = len(prefix), len(suffix)
+
+    @classmethod
+    def of(cls, payload: bytes, chunk: dict[str, Any], parts: list[str]) -> _TokenChunks | None:
+        cs = chunk.get("choices")
+        if not (isinstance(cs, list) and len(cs) == 1 and isinstance(cs[0], dict)):
+            return None
+        c = cs[0]
+        delta = c.get("delta")
+        if c.get("index", 0) != 0 or not isinstance(delta, dict) or list(delta) != ["content"]:
+            return None  # (the probe below would refuse another delta too, at more cost)
+        if any(v is not None for k, v in c.items() if k not in ("index", "delta")):
+            return None  # logprobs, a finish reason, or a field unknown here
+        start = _CONTENT_AT.search(payload)
+        end = _STRING_REST.match(payload, start.end()) if start is not None else None
+        if start is None or end is None:
+            return None
+        prefix, suffix = payload[: start.end()], payload[end.end() - 1 :]
+        # Proof that these bytes frame this chunk's content and nothing else (the match
+        # could be another object's, an extension field holding a "delta"): with another
+        # string between them, the chunk parses the same but for that content.
+        try:
+            probe = orjson.loads(prefix + b"\\u0000" + suffix)
+        except orjson.JSONDecodeError:
+            return None
+        if probe != {**chunk, "choices": [{**c, "delta": {"content": "\x00"}}]}:
+            return None
+        return cls(prefix, suffix, parts)
+
+    def content(self, payload: bytes) -> str | None:
+        """The content of ``payload`` if it is a chunk like this one, else None."""
+        end = len(payload) - self.slen  # where the closing quote is, if it is one
+        if end < self.plen or not payload.startswith(self.prefix):
+            return None
+        if not payload.endswith(self.suffix):
+            return None
+        try:  # the string with its quotes: prefix ends with one, suffix starts with one
+            text = orjson.loads(payload[self.plen - 1 : end + 1])
+        except orjson.JSONDecodeError:
+            return None
+        return text if isinstance(text, str) else None
+
 
 def assemble(payloads: Iterable[bytes], usage: dict[str, Any] | None) -> dict[str, Any]:
     """Fold stream chunk payloads into the ``chat.completion`` they describe.
 
     Every streamed answer that the cache stores comes through here once, so it keeps the
     work per chunk small: text pieces are collected in lists and joined once at the end,
-    and the top-level fields are looked for only until each has been found. Measured on a
-    16-token stream: 48 -> 40 us, 20 of them parsing the JSON."""
+    the top-level fields are looked for only until each has been found, and once a plain
+    token chunk has been parsed the ones like it are read without parsing (_TokenChunks).
+    Measured on a 16-token stream: 48 -> 40 us, 20 of them parsing the JSON; with
+    _TokenChunks 27 -> 12 us (a slower machine)."""
     out: dict[str, Any] = {"object": "chat.completion"}
     missing = list(_TOP)
     choices: dict[int, dict[str, Any]] = {}
     texts: dict[tuple[int, str], list[str]] = {}
+    tokens: _TokenChunks | None = None
     for payload in payloads:
+        if tokens is not None:
+            piece = tokens.content(payload)
+            if piece is not None:
+                tokens.parts.append(piece)
+                continue
         chunk = orjson.loads(payload)
         if not isinstance(chunk, dict):
             continue
@@ -76,6 +151,8 @@ def assemble(payloads: Iterable[bytes], usage: dict[str, Any] | None) -> dict[st
                             have.extend(items)  # not +: a long stream's would be quadratic
             if c.get("finish_reason"):
                 choice["finish_reason"] = c["finish_reason"]
+        if tokens is None and (0, "content") in texts:
+            tokens = _TokenChunks.of(payload, chunk, texts[0, "content"])
     for (idx, field), parts in texts.items():
         choices[idx]["message"][field] = "".join(parts)
     for choice in choices.values():
