@@ -330,3 +330,100 @@ def test_client_gone_before_a_non_stream_answer_pays_nothing(
     _leave_before_the_answer(gw, fake, timeout=0.8, delay=3)
     usage = gw.http().get("/v1/gateway/usage", headers={"Authorization": "Bearer key-1"}).json()
     assert usage["windows"][0]["reserved_usd"] == "0.000000000", "the reservation is released"
+
+
+def _raw_exchange(gw: Gateway, body: dict[str, Any]) -> bytes:
+    """A request over a plain socket, and the response's bytes exactly as they came."""
+    import socket
+
+    data = json.dumps(body).encode()
+    host, port = gw.url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer key-1\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%b" % (len(data), data)
+        )
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _shape(raw: bytes) -> tuple[bytes, list[bytes], bytes]:
+    """Status line, header names in order, and the body's framing (its chunk sizes or
+    its length), leaving out the values that change per request."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    names = [line.split(b":", 1)[0] for line in lines]
+    if b"transfer-encoding" in names:
+        sizes = []
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            n = int(size_line, 16)
+            sizes.append(size_line)
+            rest = rest[n + 2 :]
+        return status, names, b" ".join(sizes[-1:])  # ends with the zero-size chunk
+    return status, names, b"%d" % len(rest)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_heads_written_by_the_gateway_are_uvicorns(
+    gw: Gateway, stream: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under uvicorn the gateway writes response heads (and a stream's end) itself; the
+    bytes have the shape uvicorn's own ``send`` gives them: same status line, headers in
+    the same order and case, same framing, the connection closed when asked."""
+    body: dict[str, Any] = {"model": "cheap", "messages": MSG, "stream": stream}
+    fast = _raw_exchange(gw, body)
+    monkeypatch.setattr(asgi, "_status_lines", {})  # every head through uvicorn's send
+    slow = _raw_exchange(gw, body)
+    assert _shape(fast) == _shape(slow)
+    status, names, framing = _shape(fast)
+    assert status == b"HTTP/1.1 200 OK"
+    assert names[:2] == [b"date", b"server"] or names[:2] == [b"server", b"date"]
+    assert b"connection" in names  # the client asked to close: said, and done (recv ended)
+    assert framing == (b"0" if stream else framing)
+    if stream:
+        assert b"transfer-encoding" in names and b"data: [DONE]" in fast
+    else:
+        assert b"content-length" in names and json.loads(fast.partition(b"\r\n\r\n")[2])
+
+
+def test_a_head_is_left_to_uvicorn_where_it_would_refuse_or_log() -> None:
+    """``_head`` on a stand-in for uvicorn's cycle: names in lower case as uvicorn sends
+    them; a header uvicorn would refuse (it raises), a started response, or uvicorn's own
+    access log on: None, so that uvicorn's ``send`` does it."""
+    from types import SimpleNamespace
+
+    def cycle(**over: Any) -> Any:
+        fields: dict[str, Any] = {
+            "response_started": False, "disconnected": False, "access_log": False,
+            "flow": SimpleNamespace(write_paused=False), "scope": {"method": "POST"},
+            "default_headers": [(b"server", b"uvicorn")], "keep_alive": True,
+            "waiting_for_100_continue": True,
+        }  # fmt: skip
+        return SimpleNamespace(**{**fields, **over})
+
+    def head(c: Any, headers: list[tuple[bytes, bytes]]) -> bytes | None:
+        r = asgi.AsgiResponder(None)  # type: ignore[arg-type]
+        r._cycle = c
+        out = r._head(200, headers)
+        return None if out is None else b"".join(out)
+
+    asgi._status_lines.setdefault(200, b"HTTP/1.1 200 OK\r\n")
+    c = cycle()
+    assert head(c, [(b"X-Up", b"v")]) == b"HTTP/1.1 200 OK\r\nserver: uvicorn\r\nx-up: v\r\n"
+    assert c.response_started and not c.waiting_for_100_continue
+    assert head(cycle(keep_alive=False), []) == (
+        b"HTTP/1.1 200 OK\r\nserver: uvicorn\r\nconnection: close\r\n"
+    )
+    assert head(cycle(), [(b"x", b"a\r\nset-cookie: evil")]) is None
+    assert head(cycle(), [(b"bad name", b"v")]) is None
+    assert head(cycle(), [(b"x", b"tab\tis fine")]) is not None
+    refused: list[dict[str, Any]] = [
+        {"response_started": True}, {"access_log": True}, {"disconnected": True},
+        {"scope": {"method": "HEAD"}}, {"flow": SimpleNamespace(write_paused=True)},
+    ]  # fmt: skip
+    for over in refused:
+        assert head(cycle(**over), []) is None, over

@@ -21,11 +21,25 @@ import httpx
 import uvicorn
 import yaml
 from openai import AsyncOpenAI, OpenAI
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.app import create_app
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.config import load_config
 from gateway.runtime import Runtime
+
+
+class _QuietProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol with its access log off, as under ``gateway serve``.
+
+    ``access_log=False`` leaves uvicorn's access logger without handlers, but pytest
+    attaches its capture handlers to every logger that does not propagate, at each test's
+    start; uvicorn would then log each request, and the gateway would leave response heads
+    to uvicorn (see ``AsgiResponder._head``): not what runs in production."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.access_log = False
 
 
 def free_port() -> int:
@@ -112,7 +126,7 @@ def start_in_thread(
             host="127.0.0.1",
             port=port,
             loop="uvloop",
-            http="httptools",
+            http=_QuietProtocol,
             lifespan="on",
             log_config=None,
             access_log=False,
