@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from fake_upstream import FakeUpstream
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from servers.configs import gateway_config, policy, tenant
 from servers.gateway import Gateway
 from servers.prometheus import samples, total
@@ -209,3 +212,46 @@ def test_every_metric_is_documented(
         if f"`{name}`" not in section and f"`{counter}`" not in section:
             undocumented.append(name)
     assert not undocumented, undocumented
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b"]),
+            st.one_of(
+                st.sampled_from([0.0, 0.005, 0.01, 0.25, 300.0, 1e9]),  # on a bound, past all
+                st.floats(min_value=-1, max_value=400, allow_nan=False),
+            ),
+        ),
+        max_size=30,
+    )
+)
+def test_hot_path_children_count_as_the_library_does(
+    observations: list[tuple[str, float]],
+) -> None:
+    """The wrapped children (``metrics._fast``) expose exactly what prometheus-client's
+    own ``inc`` and ``observe`` give for the same observations."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from gateway import metrics
+
+    def registry(wrap: Callable[[Any], Any]) -> bytes:
+        reg = CollectorRegistry()
+        c = Counter("c_total", "c", ["l"], registry=reg)
+        h = Histogram("h_seconds", "h", ["l"], registry=reg, buckets=metrics.LATENCY_BUCKETS)
+        for label, amount in observations:
+            wrap(h.labels(label)).observe(amount)
+            wrap(c.labels(label)).inc(abs(amount))
+            wrap(c.labels(label)).inc()
+        lines = generate_latest(reg).splitlines()
+        return b"\n".join(line for line in lines if b"_created" not in line)  # a timestamp
+
+    assert registry(metrics._fast) == registry(lambda child: child)
+    reg = CollectorRegistry()
+    counter = metrics._fast(Counter("n_total", "n", ["l"], registry=reg).labels("a"))
+    hist = metrics._fast(Histogram("m_seconds", "m", ["l"], registry=reg).labels("a"))
+    assert isinstance(counter, metrics._CounterChild)  # wrapped: this prometheus-client
+    assert isinstance(hist, metrics._HistogramChild)
+    with pytest.raises(ValueError, match="non-negative"):
+        counter.inc(-1)
