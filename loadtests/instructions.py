@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import shutil
 import subprocess
@@ -39,10 +38,8 @@ from .services import (
     SLOW_MODEL,
     TENANT_KEY,
     Service,
-    _ready,
     delete_redis_prefix,
-    free_port,
-    pinned,
+    start_gateway,
     start_redis,
     start_upstream,
     write_gateway_config,
@@ -56,29 +53,9 @@ SCENARIOS = {  # name: (model, stream, concurrency)
 
 
 def start_under_callgrind(config: Path, out: Path, source: Path | None) -> Service:
-    port = free_port()
-    env = dict(os.environ)
-    if source is not None:
-        env["PYTHONPATH"] = str(source)
-    cmd = [
-        "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
-        "--collect-atstart=yes", sys.executable, "-m", "gateway", "serve",
-        "--config", str(config), "--port", str(port),
-    ]  # fmt: skip
-    log = config.parent / "gateway.log"
-    with open(log, "ab") as f:
-        proc = subprocess.Popen(
-            pinned(cmd, GATEWAY_CORE), stdout=f, stderr=f, env=env,
-            cwd=source or config.parent, start_new_session=True,
-        )  # fmt: skip
-    svc = Service("gateway", proc, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + 300
-    while not _ready(svc.url):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            svc.stop()
-            raise RuntimeError(f"the gateway did not start under valgrind:\n{svc.log_tail()}")
-        time.sleep(0.5)
-    return svc
+    wrapper = ("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+               "--dump-instr=no", "--collect-atstart=yes")  # fmt: skip
+    return start_gateway(config, GATEWAY_CORE, source, wrapper=wrapper, ready_seconds=300)
 
 
 def _control(pid: int, *args: str) -> None:

@@ -236,17 +236,20 @@ def start_gateway(
     core: int | None = GATEWAY_CORE,
     source: Path | None = None,
     workers: int | None = None,
+    wrapper: tuple[str, ...] = (),
+    ready_seconds: float = 60,
 ) -> Service:
     """``gateway serve`` as a process (from ``source`` instead of the installed package
     when given, to measure a modified copy); with ``workers``, that many worker processes,
-    not pinned."""
+    not pinned; run by ``wrapper`` (such as valgrind) when given."""
     port = free_port()
     log = config.parent / "gateway.log"
     env = dict(os.environ)
     if source is not None:
         # ``python -m`` puts the working directory first on sys.path, before PYTHONPATH.
         env["PYTHONPATH"] = str(source)
-    cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port)]
+    cmd = [*wrapper, sys.executable, "-m", "gateway", "serve", "--config", str(config),
+           "--port", str(port)]  # fmt: skip
     if workers:
         cmd += ["--workers", str(workers)]
         core = None
@@ -261,7 +264,7 @@ def start_gateway(
             start_new_session=True,
         )
     svc = Service("gateway", proc, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + ready_seconds
     while not _ready(svc.url):
         if proc.poll() is not None or time.monotonic() > deadline:
             svc.stop()
