@@ -554,7 +554,7 @@ def report(results: dict[str, Any]) -> str:
 
 
 # -- running it ------------------------------------------------------------------------
-def _state_url(state: str, directory: Path, redis_url: str) -> str:
+def state_url(state: str, directory: Path, redis_url: str) -> str:
     return f"sqlite:///{directory / 'ledger.db'}" if state == "embedded" else redis_url
 
 
@@ -620,7 +620,7 @@ async def _bench_state(
     with tempfile.TemporaryDirectory(prefix=f"gwbench-{state}-") as tmp:
         directory = Path(tmp)
         config = write_gateway_config(
-            directory, up.url, _state_url(state, directory, redis_url), prefix
+            directory, up.url, state_url(state, directory, redis_url), prefix
         )
         try:
             gw = start_gateway(config, source=source, workers=args.workers)

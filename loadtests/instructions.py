@@ -29,7 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .bench import _state_url
+from .bench import state_url
 from .loadgen import LoadSpec, chat_body, run_load
 from .services import (
     DRIVER_CORE,
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                 d = Path(tmp)
                 prefix = f"gwinstr-{uuid.uuid4().hex[:8]}"
                 redis_url = redis.url if redis is not None else "redis://127.0.0.1:6379/0"
-                config = write_gateway_config(d, up.url, _state_url(state, d, redis_url), prefix)
+                config = write_gateway_config(d, up.url, state_url(state, d, redis_url), prefix)
                 out = d / "callgrind.out"
                 gw = start_under_callgrind(config, out, args.gateway_src)
                 try:

@@ -41,17 +41,26 @@ class _TokenChunks:
         self.prefix, self.suffix, self.parts = prefix, suffix, parts
         self.plen, self.slen = len(prefix), len(suffix)
 
-    @classmethod
-    def of(cls, payload: bytes, chunk: dict[str, Any], parts: list[str]) -> _TokenChunks | None:
+    @staticmethod
+    def plain(chunk: dict[str, Any]) -> bool:
+        """Whether ``chunk`` is a plain token chunk: one choice, index 0, a delta with a
+        content string only, nothing else set on the choice."""
         cs = chunk.get("choices")
         if not (isinstance(cs, list) and len(cs) == 1 and isinstance(cs[0], dict)):
-            return None
+            return False
         c = cs[0]
         delta = c.get("delta")
         if c.get("index", 0) != 0 or not isinstance(delta, dict) or list(delta) != ["content"]:
-            return None  # (the probe below would refuse another delta too, at more cost)
-        if any(v is not None for k, v in c.items() if k not in ("index", "delta")):
-            return None  # logprobs, a finish reason, or a field unknown here
+            return False  # (the probe in of() would refuse another delta too, at more cost)
+        if not isinstance(delta["content"], str):
+            return False
+        # logprobs, a finish reason, or a field unknown here
+        return all(v is None for k, v in c.items() if k not in ("index", "delta"))
+
+    @classmethod
+    def of(cls, payload: bytes, chunk: dict[str, Any], parts: list[str]) -> _TokenChunks | None:
+        """The framing of plain token chunk ``chunk`` (see plain), if its bytes prove it."""
+        c = chunk["choices"][0]
         start = _CONTENT_AT.search(payload)
         end = _STRING_REST.match(payload, start.end()) if start is not None else None
         if start is None or end is None:
@@ -96,6 +105,7 @@ def assemble(payloads: Iterable[bytes], usage: dict[str, Any] | None) -> dict[st
     choices: dict[int, dict[str, Any]] = {}
     texts: dict[tuple[int, str], list[str]] = {}
     tokens: _TokenChunks | None = None
+    framing = True  # until the first plain token chunk has been tried
     for payload in payloads:
         if tokens is not None:
             piece = tokens.content(payload)
@@ -151,7 +161,10 @@ def assemble(payloads: Iterable[bytes], usage: dict[str, Any] | None) -> dict[st
                             have.extend(items)  # not +: a long stream's would be quadratic
             if c.get("finish_reason"):
                 choice["finish_reason"] = c["finish_reason"]
-        if tokens is None and (0, "content") in texts:
+        if framing and _TokenChunks.plain(chunk):
+            # One try per stream: a stream whose bytes do not frame its first plain chunk
+            # is parsed in full, not searched and probed again at every chunk.
+            framing = False
             tokens = _TokenChunks.of(payload, chunk, texts[0, "content"])
     for (idx, field), parts in texts.items():
         choices[idx]["message"][field] = "".join(parts)
