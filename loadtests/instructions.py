@@ -13,8 +13,11 @@ measures the gateway's own code, and two revisions compare within ~0.1 %.
 The gateway runs with the benchmark's full policy stack (``write_gateway_config``) against
 the fast upstream. For each scenario: a warm-up of requests, counters zeroed
 (``callgrind_control --zero``), the measured requests, counters dumped; so start-up and
-imports are not counted. Valgrind runs the gateway some 50x slower: keep the counts small.
-Not a timed test: pytest never collects it."""
+imports are not counted. In Redis state the private ``redis-server`` runs under callgrind
+too, and its instructions per request are reported beside the gateway's: the work every
+request leaves to the one Redis that all gateway processes share. Valgrind runs the
+gateway some 50x slower: keep the counts small. Not a timed test: pytest never collects
+it."""
 
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from .bench import state_url
@@ -38,7 +42,6 @@ from .services import (
     SLOW_MODEL,
     TENANT_KEY,
     Service,
-    delete_redis_prefix,
     start_gateway,
     start_redis,
     start_upstream,
@@ -52,10 +55,20 @@ SCENARIOS = {  # name: (model, stream, concurrency)
 }
 
 
+def _callgrind(out: Path) -> tuple[str, ...]:
+    return ("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+            "--dump-instr=no", "--collect-atstart=yes")  # fmt: skip
+
+
 def start_under_callgrind(config: Path, out: Path, source: Path | None) -> Service:
-    wrapper = ("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-               "--dump-instr=no", "--collect-atstart=yes")  # fmt: skip
-    return start_gateway(config, GATEWAY_CORE, source, wrapper=wrapper, ready_seconds=300)
+    return start_gateway(config, GATEWAY_CORE, source, wrapper=_callgrind(out), ready_seconds=300)
+
+
+def start_redis_under_callgrind(out: Path) -> Service:
+    redis = start_redis(DRIVER_CORE, wrapper=_callgrind(out), ready_seconds=60)
+    if redis is None:
+        sys.exit("redis-server is needed for Redis state")
+    return redis
 
 
 def _control(pid: int, *args: str) -> None:
@@ -76,10 +89,33 @@ def _total(out_dir: Path, stem: str) -> int:
     raise RuntimeError(f"no totals in {dump}")
 
 
-def measure(gw: Service, out: Path, name: str, warmup: int, requests: int) -> float:
+@dataclass
+class Counted:
+    """A process under callgrind and the file its dumps go to."""
+
+    service: Service
+    out: Path
+
+    def zero(self) -> None:
+        _control(self.service.pid, "--zero")
+
+    def dump(self) -> None:
+        _control(self.service.pid, "--dump")
+
+    def total(self) -> int:
+        return _total(self.out.parent, self.out.name)
+
+    def newest(self) -> Path:
+        return _newest(self.out.parent, self.out.name)
+
+
+def measure(
+    gw: Counted, redis: Counted | None, name: str, warmup: int, requests: int
+) -> tuple[float, float | None]:
+    """Instructions per request of the gateway and (Redis state) of redis-server."""
     model, stream, concurrency = SCENARIOS[name]
     spec = LoadSpec(
-        url=gw.url + "/v1/chat/completions",
+        url=gw.service.url + "/v1/chat/completions",
         concurrency=concurrency,
         body=chat_body(model, stream=stream),
         stream=stream,
@@ -87,14 +123,17 @@ def measure(gw: Service, out: Path, name: str, warmup: int, requests: int) -> fl
     )
     spec.requests = warmup
     asyncio.run(run_load(spec))
-    _control(gw.pid, "--zero")
+    counted = [gw] if redis is None else [gw, redis]
+    for c in counted:
+        c.zero()
     spec.requests = requests
     res = asyncio.run(run_load(spec))
     if res.errors:
         raise RuntimeError(f"{name}: {res.errors} errors ({res.statuses})")
-    _control(gw.pid, "--dump")
+    for c in counted:
+        c.dump()
     time.sleep(1)
-    return _total(out.parent, out.name) / requests
+    return gw.total() / requests, None if redis is None else redis.total() / requests
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,40 +150,55 @@ def main(argv: list[str] | None = None) -> None:
     states = ["embedded", "redis"] if args.state == "both" else [args.state]
     names = args.scenarios.split(",")
     up = start_upstream(DRIVER_CORE)
-    redis = start_redis(DRIVER_CORE) if "redis" in states else None
-    rows: list[tuple[str, str, float]] = []
+    rows: list[tuple[str, str, float, float | None]] = []
     try:
         for state in states:
             with tempfile.TemporaryDirectory(prefix=f"gwinstr-{state}-") as tmp:
                 d = Path(tmp)
-                prefix = f"gwinstr-{uuid.uuid4().hex[:8]}"
-                redis_url = redis.url if redis is not None else "redis://127.0.0.1:6379/0"
-                config = write_gateway_config(d, up.url, state_url(state, d, redis_url), prefix)
-                out = d / "callgrind.out"
-                gw = start_under_callgrind(config, out, args.gateway_src)
-                try:
-                    for name in names:
-                        per = measure(gw, out, name, args.warmup, args.requests)
-                        if args.keep is not None:
-                            args.keep.mkdir(parents=True, exist_ok=True)
-                            shutil.copy(_newest(d, out.name), args.keep / f"{state}-{name}.out")
-                        rows.append((state, name, per))
-                        print(f"{state:8s} {name:16s} {per:12,.0f} instructions/request",
-                              flush=True)  # fmt: skip
-                finally:
-                    gw.stop()
-                    if redis is not None and state == "redis":
-                        delete_redis_prefix(redis.url, prefix)
+                rows += _run_state(args, state, names, d, up)
     finally:
         up.stop()
-        if redis is not None:
-            redis.stop()
     src = args.gateway_src or Path(__file__).resolve().parent.parent
     print(f"\nGateway {src}, {sys.executable}: user-space instructions per request "
           f"(callgrind, {args.requests} after {args.warmup})")  # fmt: skip
-    print("\n| state | scenario | instructions / request |\n|---|---|--:|")
-    for state, name, per in rows:
-        print(f"| {state} | {name} | {per:,.0f} |")
+    print("\n| state | scenario | gateway | redis-server |\n|---|---|--:|--:|")
+    for state, name, per, per_redis in rows:
+        redis_col = "" if per_redis is None else f"{per_redis:,.0f}"
+        print(f"| {state} | {name} | {per:,.0f} | {redis_col} |")
+
+
+def _run_state(
+    args: argparse.Namespace, state: str, names: list[str], d: Path, up: Service
+) -> list[tuple[str, str, float, float | None]]:
+    rows: list[tuple[str, str, float, float | None]] = []
+    redis: Counted | None = None
+    if state == "redis":
+        redis_out = d / "redis.callgrind.out"
+        redis = Counted(start_redis_under_callgrind(redis_out), redis_out)
+    prefix = f"gwinstr-{uuid.uuid4().hex[:8]}"
+    try:
+        url = redis.service.url if redis is not None else "redis://127.0.0.1:6379/0"
+        config = write_gateway_config(d, up.url, state_url(state, d, url), prefix)
+        out = d / "callgrind.out"
+        gw = Counted(start_under_callgrind(config, out, args.gateway_src), out)
+        try:
+            for name in names:
+                per, per_redis = measure(gw, redis, name, args.warmup, args.requests)
+                if args.keep is not None:
+                    args.keep.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(gw.newest(), args.keep / f"{state}-{name}.out")
+                    if redis is not None:
+                        shutil.copy(redis.newest(), args.keep / f"{state}-{name}.redis.out")
+                rows.append((state, name, per, per_redis))
+                also = "" if per_redis is None else f", redis-server {per_redis:10,.0f}"
+                print(f"{state:8s} {name:16s} {per:12,.0f} instructions/request{also}",
+                      flush=True)  # fmt: skip
+        finally:
+            gw.service.stop()
+    finally:
+        if redis is not None:
+            redis.service.stop()
+    return rows
 
 
 if __name__ == "__main__":

@@ -89,19 +89,22 @@ def start_upstream(core: int | None = DRIVER_CORE) -> Service:
     return Service("upstream", proc, line.rsplit(" ", 1)[-1].strip())
 
 
-def start_redis(core: int | None = DRIVER_CORE) -> Service | None:
+def start_redis(
+    core: int | None = DRIVER_CORE, wrapper: tuple[str, ...] = (), ready_seconds: float = 10
+) -> Service | None:
     """A private ``redis-server`` on a free port, pinned beside the upstream and the load
     generator and keeping nothing on disk; None without the binary. A machine's shared
     Redis runs where the scheduler puts it, often on the gateway's core, and its work
-    (~18 % of a core at 500 slow streams) would be counted against the gateway."""
+    (~18 % of a core at 500 slow streams) would be counted against the gateway. Run by
+    ``wrapper`` (such as valgrind) when given."""
     exe = shutil.which("redis-server")
     if exe is None:
         return None
     port = free_port()
     cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
            "no", "--daemonize", "no", "--loglevel", "warning"]  # fmt: skip
-    proc = subprocess.Popen(pinned(cmd, core), stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
+    proc = subprocess.Popen(pinned([*wrapper, *cmd], core), stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + ready_seconds
     while True:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
