@@ -10,6 +10,7 @@ import random
 import socket
 from dataclasses import replace
 
+import orjson
 import pytest
 import redis.asyncio
 from redis.crc import key_slot
@@ -833,6 +834,59 @@ async def test_admit_and_settle_are_one_round_trip_each(
         await redis_backend.settle(Settlement(TENANT, f"r{i}", 5, 0, b, ledger_row(f"r{i}", 0)))
     # The tenant is added to the tenants set once per process, before its first row.
     assert commands == ["EVALSHA", "SADD", "EVALSHA"] + ["EVALSHA"] * 4
+
+
+@pytest.mark.redis
+async def test_ledger_entries_are_four_fields_and_old_column_entries_still_read(
+    redis_backend: RedisState, clock: ManualClock
+) -> None:
+    full = full_row("r-new", clock.now_ms())
+    await redis_backend.record(full)
+    stream = redis_key(redis_backend.prefix, "ledger", TENANT)
+    old = full_row("r-old", clock.now_ms() - 5)
+    # As gateways before the packed 'row' field wrote it: one field per column, in order.
+    columns = {
+        "cost": "123456789", "overrun": "42", "credit": "0", "id": "r-old",
+        "ts_ms": str(old.ts_ms), "tenant": TENANT, "key_fp": old.key_fp,
+        "endpoint": old.endpoint, "requested_model": old.requested_model, "model": old.model,
+        "provider": old.provider, "route": old.route, "end_user": old.end_user, "stream": "1",
+        "status": "502", "error_code": old.error_code, "prompt_tokens": "1234",
+        "cached_tokens": "1024", "completion_tokens": "56", "reasoning_tokens": "7",
+        "reserved": "999999999999", "cache": "miss", "replay": "1", "usage_source": "counted",
+        "attempts": orjson.dumps(old.attempts).decode(), "latency_ms": "2345", "ttft_ms": "0",
+        "upstream_ms": "2001", "field_of_a_newer_version": "x",
+    }  # fmt: skip
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        [(_, fields)] = await client.xrange(stream)
+        assert list(fields) == [b"cost", b"overrun", b"credit", b"row"]
+        await client.xadd(stream, columns, id=f"{clock.now_ms() + 1}-0")
+    finally:
+        await client.aclose()
+    page = await redis_backend.ledger(LedgerQuery(tenant=TENANT))
+    assert page.rows == [old, full]
+
+
+@pytest.mark.redis
+async def test_ledger_entry_ids_keep_increasing_when_the_clock_steps_back(
+    redis_backend: RedisState, clock: ManualClock
+) -> None:
+    await redis_backend.record(ledger_row("r1", clock.now_ms()))
+    clock.advance(-60_000)  # the clock passed in ARGV steps back a minute
+    await redis_backend.admit(admission("r2", 100))
+    await redis_backend.settle(Settlement(TENANT, "r2", 50, 0, BudgetLimits(),
+                                          ledger_row("r2", clock.now_ms())))  # fmt: skip
+    await redis_backend.record(ledger_row("r3", clock.now_ms()))
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        entries = await client.xrange(redis_key(redis_backend.prefix, "ledger", TENANT))
+    finally:
+        await client.aclose()
+    ids = [tuple(map(int, e.split(b"-"))) for e, _ in entries]
+    assert len(ids) == 3 and ids == sorted(ids) and len(set(ids)) == 3
+    assert ids[1][0] == ids[2][0] == START_MS  # written at the latest time seen, not earlier
+    page = await redis_backend.ledger(LedgerQuery(tenant=TENANT))
+    assert [r.id for r in page.rows] == ["r3", "r2", "r1"] and page.rows[1].cost == 50
 
 
 @pytest.mark.redis

@@ -4,13 +4,13 @@
 -- requires lib_windows (int).
 
 local function ledger_append(stream, now, fields)
-  local ms = now
-  local top = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-  if top[1] then
-    local last = tonumber(string.match(top[1][1], '^(%d+)'))
-    if last > ms then
-      ms = last
-    end
+  -- Refused only when the stream's last entry is later than now (a clock that stepped
+  -- back); reading that entry first on every append cost more than the append itself.
+  local added = redis.pcall('XADD', stream, int(now) .. '-*', unpack(fields))
+  if type(added) ~= 'table' then
+    return added
   end
-  return redis.call('XADD', stream, int(ms) .. '-*', unpack(fields))
+  local top = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+  local last = top[1] and tonumber(string.match(top[1][1], '^(%d+)')) or now
+  return redis.call('XADD', stream, int(math.max(now, last)) .. '-*', unpack(fields))
 end
