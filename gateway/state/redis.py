@@ -322,13 +322,24 @@ class RedisState(StateBackend):
             dict(kw), tls=issubclass(pool.connection_class, SSLConnection), timeout=5.0
         )
         self._ledger_tenants: set[str] = set()  # added to the tenants set by this process
+        # Per tenant: its budget, leases, lease, rl and ledger keys, made once (tenants are
+        # the policy's, a bounded set; each request needs four or five of them).
+        self._tenant_keys: dict[str, tuple[str, ...]] = {}
 
     # -- plumbing ----------------------------------------------------------------------
     def _key(self, kind: str, scope: str | None = None, suffix: str | None = None) -> str:
         return redis_key(self.prefix, kind, scope, suffix)
 
+    def _keys_of(self, tenant: str) -> tuple[str, ...]:
+        """The tenant's budget, leases, lease, rl and ledger keys."""
+        keys = self._tenant_keys.get(tenant)
+        if keys is None:
+            kinds = ("budget", "leases", "lease", "rl", "ledger")
+            keys = self._tenant_keys[tenant] = tuple(self._key(k, tenant) for k in kinds)
+        return keys
+
     def _money_keys(self, tenant: str) -> list[str]:
-        return [self._key(k, tenant) for k in ("budget", "leases", "lease", "rl")]
+        return list(self._keys_of(tenant)[:4])
 
     def _end_user_keys(self, tenant: str, end_user: str) -> list[str]:
         """The end user's hash and ledger id list (lib_leases derives the same names)."""
@@ -496,7 +507,7 @@ class RedisState(StateBackend):
     async def settle(self, s: Settlement) -> SettleResult:
         if s.tenant not in self._ledger_tenants:
             await self._note_ledger(s.tenant)
-        keys = [*self._money_keys(s.tenant), self._key("ledger", s.tenant)]
+        keys = list(self._keys_of(s.tenant))
         eu = s.end_user
         if eu is not None:
             keys += self._end_user_keys(s.tenant, eu.id)
@@ -521,7 +532,7 @@ class RedisState(StateBackend):
 
     async def record(self, row: LedgerRow) -> None:
         await self._note_ledger(row.tenant)
-        keys = [self._key("ledger", row.tenant)]
+        keys = [self._keys_of(row.tenant)[4]]
         if row.end_user:
             keys.append(self._end_user_keys(row.tenant, row.end_user)[1])
         await self._script("record_v1", keys, [self._now_arg(), *encode_row(row)])
