@@ -82,16 +82,27 @@ def test_a_short_benchmark_run_completes_without_errors(tmp_path: Path) -> None:
 )
 def test_instruction_counts_run_end_to_end(tmp_path: Path) -> None:
     """``loadtests.instructions``: the gateway under callgrind, counters zeroed after the
-    warm-up and dumped after the measured requests, a count per request reported."""
+    warm-up and dumped after the measured requests, a count per request reported; in
+    Redis state the private redis-server's count beside it."""
+    states = "both" if shutil.which("redis-server") else "embedded"
     proc = subprocess.run(
-        [sys.executable, "-m", "loadtests.instructions", "--state", "embedded",
+        [sys.executable, "-m", "loadtests.instructions", "--state", states,
          "--scenarios", "json-c50", "--requests", "60", "--warmup", "20",
          "--keep", str(tmp_path)],
         cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    row = next(line for line in proc.stdout.splitlines() if line.startswith("| embedded |"))
+    lines = proc.stdout.splitlines()
+    row = next(line for line in lines if line.startswith("| embedded |"))
     per_request = int(row.split("|")[3].replace(",", ""))
     # more than the request's parsing alone; less than the whole start-up (not counted)
     assert 100_000 < per_request < 50_000_000, row
+    assert row.split("|")[4].strip() == "", row  # no Redis in embedded state
     assert (tmp_path / "embedded-json-c50.out").stat().st_size > 0
+    if states == "both":
+        row = next(line for line in lines if line.startswith("| redis |"))
+        gateway, redis = (int(row.split("|")[i].replace(",", "")) for i in (3, 4))
+        assert 100_000 < gateway < 50_000_000, row
+        # four scripts per request (cache lookup, admission, settlement, cache store)
+        assert 50_000 < redis < 20_000_000, row
+        assert (tmp_path / "redis-json-c50.redis.out").stat().st_size > 0

@@ -109,6 +109,7 @@ MIN_VERSION = (7, 0)  # XADD with '<ms>-*' ids
 # earlier than ``ts_ms`` -- up to the skew between the gateway's clock and Redis's.
 LEDGER_SKEW_MS = 5 * 60_000
 _LEDGER_BATCH_MAX = 1000
+_TENANT_KEYS_MAX = 10_000
 
 
 def redis_key(prefix: str, kind: str, scope: str | None = None, suffix: str | None = None) -> str:
@@ -322,8 +323,9 @@ class RedisState(StateBackend):
             dict(kw), tls=issubclass(pool.connection_class, SSLConnection), timeout=5.0
         )
         self._ledger_tenants: set[str] = set()  # added to the tenants set by this process
-        # Per tenant: its budget, leases, lease, rl and ledger keys, made once (tenants are
-        # the policy's, a bounded set; each request needs four or five of them).
+        # Per tenant: its budget, leases, lease, rl and ledger keys, made once (each request
+        # needs four or five). Tenants are the policy's; operators' queries may name others,
+        # so the map is emptied if it ever grows past _TENANT_KEYS_MAX.
         self._tenant_keys: dict[str, tuple[str, ...]] = {}
 
     # -- plumbing ----------------------------------------------------------------------
@@ -334,6 +336,8 @@ class RedisState(StateBackend):
         """The tenant's budget, leases, lease, rl and ledger keys."""
         keys = self._tenant_keys.get(tenant)
         if keys is None:
+            if len(self._tenant_keys) >= _TENANT_KEYS_MAX:
+                self._tenant_keys.clear()
             kinds = ("budget", "leases", "lease", "rl", "ledger")
             keys = self._tenant_keys[tenant] = tuple(self._key(k, tenant) for k in kinds)
         return keys

@@ -836,6 +836,18 @@ async def test_admit_and_settle_are_one_round_trip_each(
     assert commands == ["EVALSHA", "SADD", "EVALSHA"] + ["EVALSHA"] * 4
 
 
+def test_tenant_keys_are_made_once_and_their_map_stays_bounded() -> None:
+    state = RedisState("redis://127.0.0.1:1/0", prefix="gwtest:keys")  # never connects
+    first = state._keys_of("acme")
+    assert first is state._keys_of("acme")
+    assert first == tuple(redis_key("gwtest:keys", k, "acme")
+                          for k in ("budget", "leases", "lease", "rl", "ledger"))  # fmt: skip
+    for i in range(25_000):  # an operator's queries naming tenants that do not exist
+        state._keys_of(f"t{i}")
+    assert len(state._tenant_keys) <= 10_000
+    assert state._keys_of("acme") == first
+
+
 @pytest.mark.redis
 async def test_ledger_entries_are_four_fields_and_old_column_entries_still_read(
     redis_backend: RedisState, clock: ManualClock
