@@ -103,6 +103,25 @@ def test_tls_with_a_private_ca(
     assert "certificate" in exc.value.message.lower()
 
 
+def test_closing_waits_until_tls_connections_are_gone(ca: trustme.CA, tls_server: int) -> None:
+    """At shutdown the loop closes right after the upstreams: a TLS connection whose close
+    (close_notify) had not finished then failed with "Event loop is closed" and left an
+    unclosed transport (seen once in CI)."""
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+
+    async def run() -> tuple[bool, bool]:
+        pool = Pool("localhost", tls_server, client_ctx, limit=2, idle_seconds=30)
+        r = await post(pool, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n", b"{}", 5)
+        await r.read()
+        r.release()
+        [conn] = pool._idle
+        await pool.aclose()
+        return conn.closed, conn.gone.done()
+
+    assert asyncio.run(run()) == (True, True)
+
+
 def test_push_hands_the_sink_one_reads_chunks_in_one_call() -> None:
     """Chunks that queued up in the socket arrive in one read; the sink gets them in one
     call, so the relay writes them to the client in one system call, not one each."""

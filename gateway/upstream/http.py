@@ -62,7 +62,7 @@ class HttpUpstream:
         )
 
     async def aclose(self) -> None:
-        self._pool.close()
+        await self._pool.aclose()
 
     def _error(self, exc: BaseException, model: str) -> UpstreamError:
         if isinstance(exc, rawhttp.ConnectionClosed):

@@ -216,6 +216,9 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self._paused = False
+        # Done once the transport is gone (connection_lost): a TLS connection's close takes
+        # a few passes of the loop (close_notify), which Pool.aclose waits for.
+        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -223,6 +226,8 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if not self.gone.done():
+            self.gone.set_result(None)
         r = self.response
         if r is not None:
             if r._until_close and r._head.done() and exc is None:
@@ -365,6 +370,15 @@ class Pool:
         for conn in self._idle:
             conn.close()
         self._idle.clear()
+
+    async def aclose(self, timeout: float = 2.0) -> None:
+        """Close the idle connections and wait, up to ``timeout``, until they are gone. At
+        shutdown the event loop closes next: a TLS connection still closing then fails
+        with "Event loop is closed" and leaves its socket to the garbage collector."""
+        closing = [conn.gone for conn in self._idle if not conn.gone.done()]
+        self.close()
+        if closing:
+            await asyncio.wait(closing, timeout=timeout)
 
 
 async def post(pool: Pool, head: bytes, body: bytes, connect_timeout: float) -> Response:
