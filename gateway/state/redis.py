@@ -150,10 +150,10 @@ def lua_source(name: str) -> str:
 # then 'row': the row's other fields as one JSON array, in _PACKED_FIELDS order. One
 # field instead of one per column: each argument and each field costs Redis ~1,000
 # instructions, and a settlement's 25 columns made up a quarter of its script's work.
-# A field added to LedgerRow goes at the end of the array, so older gateways read newer
-# rows (extra values are ignored) and newer ones read older rows (missing values take
-# their defaults). Entries written before 'row' existed hold one field per column; they
-# are still read.
+# A field added to LedgerRow goes at the end of the array, so a gateway reads rows of a
+# newer one (extra values are ignored) and of an older one (missing values take their
+# defaults). Entries written before 'row' existed hold one field per column; they are
+# still read (but gateways of that time cannot read 'row' entries).
 _MONEY_FIELDS = ("cost", "overrun", "credit")
 _ROW_TYPES = {f.name: str(f.type) for f in dataclasses.fields(LedgerRow)}
 _PACKED_FIELDS = tuple(n for n in _ROW_TYPES if n not in _MONEY_FIELDS)
