@@ -31,6 +31,11 @@ BYTES_PER_TOKEN_ESTIMATE = 3
 # Counts of texts at least this long are remembered (bounded by their total size).
 REMEMBER_CHARS = 256
 REMEMBER_TOTAL_CHARS = 8 * 1024 * 1024
+# Counts of texts this short are remembered too, up to SHORT_MAX per encoding: every
+# message's role ("system", "user"), short system prompts, "Thanks!". A lookup costs a
+# tenth of tiktoken's ~0.7 us for even one word.
+SHORT_CHARS = 48
+SHORT_MAX = 4096
 
 _DEFAULT_ENCODING = "o200k_base"
 _KNOWN_ENCODINGS = ("o200k_base", "cl100k_base")
@@ -92,6 +97,7 @@ class TokenCounter:
         self._failed: str | None = None
         self._name_cache: dict[str, str] = {}
         self._seen = SizedMemo(REMEMBER_TOTAL_CHARS)
+        self._short: dict[int, dict[str, int]] = {}  # id(encoding) -> short text -> tokens
 
     # -- loading -----------------------------------------------------------------------
     def load_blocking(self) -> None:
@@ -184,9 +190,20 @@ class TokenCounter:
         # cost more than the counting itself.
         encode = enc.encode_ordinary
         seen = self._seen
+        short = self._short.get(id(enc))
+        if short is None:
+            short = self._short[id(enc)] = {}
         total = 0
         for t in texts:
             if not t:
+                continue
+            if len(t) <= SHORT_CHARS:
+                n = short.get(t)
+                if n is None:
+                    n = len(encode(t))
+                    if len(short) < SHORT_MAX:
+                        short[t] = n
+                total += n
                 continue
             if len(t) < REMEMBER_CHARS:
                 total += len(encode(t))

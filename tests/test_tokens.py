@@ -13,6 +13,8 @@ from servers.gateway import start_process, write_config
 from gateway.tokens import (
     BYTES_PER_TOKEN_ESTIMATE,
     REMEMBER_CHARS,
+    SHORT_CHARS,
+    SHORT_MAX,
     SizedMemo,
     TokenCounter,
     encodings_for,
@@ -52,6 +54,21 @@ def test_long_texts_are_remembered_and_counted_the_same() -> None:
     enc = tiktoken.get_encoding("o200k_base")
     assert first == again == len(enc.encode_ordinary(system)) + len(enc.encode_ordinary("hi"))
     assert len(counter._seen) == 1  # the short text is not kept
+
+
+def test_short_texts_are_remembered_per_encoding_and_bounded() -> None:
+    counter = loaded()
+    o200k, cl100k = tiktoken.get_encoding("o200k_base"), tiktoken.get_encoding("cl100k_base")
+    words = ["system", "user", "Thanks!", "x" * SHORT_CHARS, "\u00e9t\u00e9 \U0001f600"]
+    for _ in range(2):  # counted, then remembered: the same either way
+        for w in words:
+            assert counter.count_texts([w], "gpt-4o", None) == len(o200k.encode_ordinary(w))
+            assert counter.count_texts([w], "", "cl100k_base") == len(cl100k.encode_ordinary(w))
+    assert len(counter._short) == 2 and all(len(d) == len(words) for d in counter._short.values())
+    for i in range(SHORT_MAX + 50):  # many distinct short texts: counted, not all kept
+        text = f"msg {i}"
+        assert counter.count_texts([text], "gpt-4o", None) == len(o200k.encode_ordinary(text))
+    assert max(len(d) for d in counter._short.values()) == SHORT_MAX
 
 
 def test_memo_is_bounded_by_size() -> None:
