@@ -19,7 +19,7 @@ from .base import (
     RateState,
     WindowState,
 )
-from .windows import MINUTE_MS, minute, period, resets_at
+from .windows import MINUTE_MS, minute, periods, resets_at
 
 
 @dataclass(slots=True)
@@ -148,11 +148,12 @@ class Accounts:
 
     # -- windows -----------------------------------------------------------------------
     def windows(self, b: Book, budgets: BudgetLimits, now: int) -> list[WindowState]:
+        ids = periods(now)
         return [
             WindowState(
                 window=w,
                 limit=limit,
-                spent=b.spent.get(period(w, now), 0),
+                spent=b.spent.get(ids[w], 0),
                 reserved=b.reserved,
                 resets_at_ms=resets_at(w, now),
             )
@@ -166,8 +167,9 @@ class Accounts:
 
     @staticmethod
     def end_user_state(e: EndUserBook, budgets: BudgetLimits, now: int) -> EndUserState:
+        ids = periods(now)
         windows = [
-            WindowState(w, limit, e.spent.get(period(w, now), 0), e.reserved, resets_at(w, now))
+            WindowState(w, limit, e.spent.get(ids[w], 0), e.reserved, resets_at(w, now))
             for w, limit in _limits(budgets)
         ]
         return EndUserState(windows, e.balance, e.counts.live)
@@ -253,14 +255,15 @@ class Accounts:
                 return result(False, by=scope + "concurrent", retry_ms=1000)
 
         # Every window that applies, the tenant's first: what fits all of them is granted.
+        ids = periods(now)
         rooms: list[tuple[str, str, int]] = [
-            ("budget", w, limit - b.spent.get(period(w, now), 0) - b.reserved)
+            ("budget", w, limit - b.spent.get(ids[w], 0) - b.reserved)
             for w, limit in _limits(a.budgets)
             if limit is not None
         ]
         if e is not None and eu is not None:
             rooms += [
-                ("end_user_budget", w, limit - e.spent.get(period(w, now), 0) - e.reserved)
+                ("end_user_budget", w, limit - e.spent.get(ids[w], 0) - e.reserved)
                 for w, limit in _limits(eu.budgets)
                 if limit is not None
             ]
@@ -315,6 +318,7 @@ class Accounts:
         """Apply a settlement: release the lease and charge."""
         b = self.book(tenant)
         self._expire(b, now)
+        ids = periods(now)
         charge = max(charge, 0)
         lease = b.leases.pop(rid, None)
         if lease is not None:
@@ -341,7 +345,7 @@ class Accounts:
             charged = charge
             for w, limit in _limits(budgets):
                 if limit is not None:
-                    room = limit - b.spent.get(period(w, now), 0) - b.reserved
+                    room = limit - b.spent.get(ids[w], 0) - b.reserved
                     charged = min(charged, max(room, 0))
             eu_id = end_user.id if end_user is not None else ""
             prepaid = end_user is not None and end_user.prepaid
@@ -349,21 +353,21 @@ class Accounts:
                 eb = self.end_user_book(tenant, eu_id)
                 for w, limit in _limits(end_user.budgets):
                     if limit is not None:
-                        room = limit - eb.spent.get(period(w, now), 0) - eb.reserved
+                        room = limit - eb.spent.get(ids[w], 0) - eb.reserved
                         charged = min(charged, max(room, 0))
                 if prepaid:
                     charged = min(charged, max(eb.balance - eb.reserved, 0))
-        periods = [period(w, now) for w in ("daily", "monthly", "total")]
-        out = Charge(charged, periods, eu_id, -charged if prepaid else 0)
+        spent_in = [ids["daily"], ids["monthly"], ids["total"]]
+        out = Charge(charged, spent_in, eu_id, -charged if prepaid else 0)
         if charged:
-            for p in periods:
+            for p in spent_in:
                 b.spent[p] = b.spent.get(p, 0) + charged
-            self._forget_old(b.spent, periods)
+            self._forget_old(b.spent, spent_in)
             if eu_id:
                 e = self.end_user_book(tenant, eu_id)
-                for p in periods:
+                for p in spent_in:
                     e.spent[p] = e.spent.get(p, 0) + charged
-                self._forget_old(e.spent, periods)
+                self._forget_old(e.spent, spent_in)
                 e.balance += out.credit
         return out
 

@@ -27,6 +27,18 @@ def period(window: str, ms: int) -> str:
     return _period_day(window, ms // DAY_MS)
 
 
+def periods(ms: int) -> dict[str, str]:
+    """The ids of the periods containing ``ms``, by window (``daily``, ``monthly``,
+    ``total``). Shared between callers: read it, never change it."""
+    return _periods_day(ms // DAY_MS)
+
+
+@lru_cache(maxsize=16)
+def _periods_day(day: int) -> dict[str, str]:
+    return {"daily": _period_day("daily", day), "monthly": _period_day("monthly", day),
+            "total": "t"}  # fmt: skip
+
+
 @lru_cache(maxsize=16)
 def _period_day(window: str, day: int) -> str:
     y, m, d = _civil_day(day)

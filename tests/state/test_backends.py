@@ -34,7 +34,7 @@ from gateway.state.base import (
     WindowState,
 )
 from gateway.state.redis import RedisState, compose_lua, redis_key
-from gateway.state.windows import DAY_MS, MINUTE_MS, minute, period, resets_at
+from gateway.state.windows import DAY_MS, MINUTE_MS, minute, period, periods, resets_at
 
 LEASE = 30_000
 TENANT = "acme"
@@ -703,6 +703,11 @@ def _calendar_samples() -> list[int]:
     stamps += [rng.randrange(0, utc_ms(2200, 1, 1)) for _ in range(3_000)]
     stamps += [START_MS + rng.randrange(0, 400 * DAY_MS) for _ in range(1_000)]
     return stamps
+
+
+def test_periods_of_a_moment_are_its_period_per_window() -> None:
+    for ms in _calendar_samples():
+        assert periods(ms) == {w: period(w, ms) for w in ("daily", "monthly", "total")}, ms
 
 
 @pytest.mark.redis
