@@ -13,7 +13,7 @@ MINUTE_MS = 60_000
 
 
 # Periods change once a day: every request asks for them (admit, settle, usage), so
-# the calendar arithmetic is done once per day and window, not several times a request.
+# the calendar arithmetic is done once per day, not several times a request.
 @lru_cache(maxsize=16)
 def _civil_day(day: int) -> tuple[int, int, int]:
     d = datetime.fromtimestamp(day * (DAY_MS // 1000), tz=UTC)
@@ -22,9 +22,10 @@ def _civil_day(day: int) -> tuple[int, int, int]:
 
 def period(window: str, ms: int) -> str:
     """The id of the window period containing ``ms``: ``d20261126``, ``m202611``, ``t``."""
-    if window == "total":
-        return "t"
-    return _period_day(window, ms // DAY_MS)
+    try:
+        return periods(ms)[window]
+    except KeyError:
+        raise ValueError(window) from None
 
 
 def periods(ms: int) -> dict[str, str]:
@@ -35,18 +36,8 @@ def periods(ms: int) -> dict[str, str]:
 
 @lru_cache(maxsize=16)
 def _periods_day(day: int) -> dict[str, str]:
-    return {"daily": _period_day("daily", day), "monthly": _period_day("monthly", day),
-            "total": "t"}  # fmt: skip
-
-
-@lru_cache(maxsize=16)
-def _period_day(window: str, day: int) -> str:
     y, m, d = _civil_day(day)
-    if window == "daily":
-        return f"d{y:04d}{m:02d}{d:02d}"
-    if window == "monthly":
-        return f"m{y:04d}{m:02d}"
-    raise ValueError(window)
+    return {"daily": f"d{y:04d}{m:02d}{d:02d}", "monthly": f"m{y:04d}{m:02d}", "total": "t"}
 
 
 def resets_at(window: str, ms: int) -> int | None:
