@@ -318,9 +318,12 @@ class RedisState(StateBackend):
         }
         self._shas = {name: (str(s.sha), lua_source(name)) for name, s in self._scripts.items()}
         # The scripts every request runs go through a lean pipelining client; redis-py
-        # (above) does everything else.
+        # (above) does everything else. Both wait for a reply up to the URL's
+        # socket_timeout (5 s unless it says otherwise).
         self._fast = RespClient(
-            dict(kw), tls=issubclass(pool.connection_class, SSLConnection), timeout=5.0
+            dict(kw),
+            tls=issubclass(pool.connection_class, SSLConnection),
+            timeout=float(kw.get("socket_timeout") or 5.0),
         )
         self._ledger_tenants: set[str] = set()  # added to the tenants set by this process
         # Per tenant: its budget, leases, lease, rl and ledger keys, made once (each request

@@ -6,6 +6,7 @@ TTLs, the Lua calendar, error translation)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 from dataclasses import replace
@@ -941,6 +942,35 @@ async def test_an_unreachable_redis_is_state_unavailable() -> None:
             await state.cache_get("acme:ab")
     finally:
         await state.close()
+
+
+async def test_a_silent_redis_fails_calls_within_the_urls_socket_timeout() -> None:
+    """The state URL's ``socket_timeout`` bounds every call, the hot path's scripts (on the
+    pipelining client) as well as redis-py's: a Redis that accepts connections and never
+    answers (a hung server, a dead network path) costs a request 0.3 s here, not 5."""
+    peers: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer)
+        while await reader.read(65536):
+            pass  # takes every command, answers none
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    state = RedisState(f"redis://127.0.0.1:{port}/0?socket_timeout=0.3", prefix="gwtest:silent")
+    loop = asyncio.get_running_loop()
+    try:
+        for call in (state.admit(admission("r1", 10)), state.ledger(LedgerQuery())):
+            t0 = loop.time()
+            with pytest.raises(StateUnavailable, match="did not answer"):
+                await call
+            assert 0.25 < loop.time() - t0 < 2.0
+    finally:
+        await state.close()
+        for w in peers:
+            w.close()
+        server.close()
+        await server.wait_closed()
 
 
 @pytest.mark.redis
