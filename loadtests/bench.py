@@ -221,7 +221,10 @@ async def leak_check(gw: Service, up: Service) -> dict[str, Any]:
         for stream in (False, True):
             res = await run_load(fixed_load(gw, stream, 50, n // 2))
             if res.errors:
-                print(f"  leak check: {res.errors} errors {res.statuses}", file=sys.stderr)
+                print(
+                    f"  leak check: {res.errors} errors {res.statuses}, first: {res.first_error}",
+                    file=sys.stderr,
+                )
 
     return await _rss_growth(gw, batch)
 

@@ -48,6 +48,7 @@ from .services import (
     write_gateway_config,
 )
 
+VALGRIND_WAIT = 120  # seconds: the gateway's timeouts for Redis and the upstream, see _run_state
 SCENARIOS = {  # name: (model, stream, concurrency)
     "json-c50": (FAST_MODEL, False, 50),
     "stream-c50": (FAST_MODEL, True, 50),
@@ -129,7 +130,9 @@ def measure(
     spec.requests = requests
     res = asyncio.run(run_load(spec))
     if res.errors:
-        raise RuntimeError(f"{name}: {res.errors} errors ({res.statuses})")
+        raise RuntimeError(
+            f"{name}: {res.errors} errors ({res.statuses}), the first: {res.first_error}"
+        )
     for c in counted:
         c.dump()
     time.sleep(1)
@@ -177,8 +180,19 @@ def _run_state(
         redis = Counted(start_redis_under_callgrind(redis_out), redis_out)
     prefix = f"gwinstr-{uuid.uuid4().hex[:8]}"
     try:
-        url = redis.service.url if redis is not None else "redis://127.0.0.1:6379/0"
-        config = write_gateway_config(d, up.url, state_url(state, d, url), prefix)
+        # Valgrind runs both processes some 50x slower, and this VM's speed varies: waits
+        # that suit a gateway at full speed (5 s for a connection or a Redis reply) made
+        # whole runs fail with 503s here, so the run waits much longer.
+        url = (redis.service.url if redis is not None else "redis://127.0.0.1:6379/0") + (
+            f"?socket_timeout={VALGRIND_WAIT}&socket_connect_timeout={VALGRIND_WAIT}"
+        )
+        config = write_gateway_config(
+            d,
+            up.url,
+            state_url(state, d, url),
+            prefix,
+            upstream_timeouts={"connect": VALGRIND_WAIT, "first_byte": VALGRIND_WAIT},
+        )
         out = d / "callgrind.out"
         gw = Counted(start_under_callgrind(config, out, args.gateway_src), out)
         try:

@@ -60,6 +60,7 @@ class LoadResult:
     ttft_p99_ms: float | None
     statuses: dict[str, int]  # HTTP status (599: connection lost) -> count
     loadgen_cpu_ms: float  # this process's CPU over the window
+    first_error: str | None = None  # the first failed response's status and body's start
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,6 +95,7 @@ class _Run:
         self.ttfts: list[float] = []
         self.errors = 0
         self.statuses: dict[int, int] = {}
+        self.first_error: str | None = None
         self.completed = 0
         self.in_flight = 0
         self.idle = asyncio.Event()
@@ -103,12 +105,17 @@ class _Run:
         body = self.spec.body(next(self.numbers))
         return self.head + b"%d\r\n\r\n" % len(body) + body
 
-    def done(self, latency: float, ttft: float | None, status: int, complete: bool) -> None:
+    def done(
+        self, latency: float, ttft: float | None, status: int, complete: bool, body: bytes
+    ) -> None:
         self.completed += 1
         if self.recording:
             self.statuses[status] = self.statuses.get(status, 0) + 1
             if status != 200 or not complete:
                 self.errors += 1
+                if self.first_error is None:
+                    what = "incomplete stream" if status == 200 else str(status)
+                    self.first_error = f"{what}: {body.decode('utf-8', 'replace')}"[:300]
             else:
                 self.latencies.append(latency)
                 if ttft is not None:
@@ -128,6 +135,7 @@ class _Client(asyncio.Protocol):
         self._t0 = 0.0
         self._ttft: float | None = None
         self._tail = b""
+        self._error_body = b""  # the start of a failed response's body, for the report
         self._busy = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -150,6 +158,7 @@ class _Client(asyncio.Protocol):
         self._busy = True
         self._ttft = None
         self._tail = b""
+        self._error_body = b""
         run.in_flight += 1
         data = run.request()
         self._t0 = time.perf_counter()
@@ -162,6 +171,8 @@ class _Client(asyncio.Protocol):
             self._transport.close()
 
     def on_body(self, body: bytes) -> None:
+        if len(self._error_body) < 300 and self._parser.get_status_code() != 200:
+            self._error_body += body[:300]
         if not self._run.spec.stream:
             return
         if self._ttft is None:
@@ -183,7 +194,8 @@ class _Client(asyncio.Protocol):
     def _finish(self, status: int, complete: bool) -> None:
         run = self._run
         run.in_flight -= 1
-        run.done(time.perf_counter() - self._t0, self._ttft, status, complete)
+        body = self._error_body or self._tail
+        run.done(time.perf_counter() - self._t0, self._ttft, status, complete, body)
         if not run.active and run.in_flight == 0:
             run.idle.set()
 
@@ -272,6 +284,7 @@ async def run_load(spec: LoadSpec, on_window: Callable[[str], None] | None = Non
         ttft_p99_ms=round(percentile(ttft, 99) * 1000, 3) if ttft else None,
         statuses={str(k): v for k, v in sorted(run.statuses.items())},
         loadgen_cpu_ms=round((cpu1 - cpu0) * 1000, 1),
+        first_error=run.first_error,
     )
 
 

@@ -133,10 +133,19 @@ def tiktoken_dir() -> str | None:
     return str(shared) if shared.is_dir() else None
 
 
-def write_gateway_config(directory: Path, upstream_url: str, state: str, prefix: str) -> Path:
+def write_gateway_config(
+    directory: Path,
+    upstream_url: str,
+    state: str,
+    prefix: str,
+    *,
+    upstream_timeouts: dict[str, float] | None = None,
+) -> Path:
     """A deployment config and one policy with the full stack on: auth, rate limits and
     budgets set high enough never to reject, a deterministic cache (bounded small, so it
-    is full early and a leak check sees a steady state), metrics, access log, ledger."""
+    is full early and a leak check sees a steady state), metrics, access log, ledger.
+    ``upstream_timeouts`` replaces the provider's defaults (a gateway under valgrind
+    needs longer ones)."""
     price = {"input": 0.15, "cached_input": 0.075, "output": 0.60}
     config: dict[str, Any] = {
         "version": 1,
@@ -154,6 +163,7 @@ def write_gateway_config(directory: Path, upstream_url: str, state: str, prefix:
                 "base_url": upstream_url + "/v1",
                 "api_key": PROVIDER_KEY,
                 "max_connections": 1024,
+                **({"timeouts": upstream_timeouts} if upstream_timeouts else {}),
             },
             "down": {
                 "type": "openai",
