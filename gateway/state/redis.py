@@ -40,6 +40,7 @@ import heapq
 import importlib.resources
 import logging
 import re
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Sequence
@@ -281,6 +282,16 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _tls_context(pool: BlockingConnectionPool) -> ssl.SSLContext | None:
+    """The TLS context redis-py's own connections use for this URL (``rediss://``, with
+    its ``ssl_ca_certs``, ``ssl_cert_reqs``, ``ssl_certfile``... parameters), or None
+    for plain TCP: the pipelined client must trust exactly what redis-py trusts."""
+    if not issubclass(pool.connection_class, SSLConnection):
+        return None
+    conn = pool.connection_class(**pool.connection_kwargs)  # not connected: no I/O
+    return conn.ssl_context.get()
+
+
 class RedisState(StateBackend):
     """State shared by every gateway process through one Redis (7.0 or newer).
 
@@ -321,9 +332,7 @@ class RedisState(StateBackend):
         # (above) does everything else. Both wait for a reply up to the URL's
         # socket_timeout (5 s unless it says otherwise).
         self._fast = RespClient(
-            dict(kw),
-            tls=issubclass(pool.connection_class, SSLConnection),
-            timeout=float(kw.get("socket_timeout") or 5.0),
+            dict(kw), tls=_tls_context(pool), timeout=float(kw.get("socket_timeout") or 5.0)
         )
         self._ledger_tenants: set[str] = set()  # added to the tenants set by this process
         # Per tenant: its budget, leases, lease, rl and ledger keys, made once (each request
@@ -373,6 +382,11 @@ class RedisState(StateBackend):
             )
         elif isinstance(exc, BusyLoadingError):
             msg = f"Redis at {where} is still loading its data set; retry in a moment"
+        elif "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            msg = (
+                f"Redis at {where} presented a TLS certificate this host does not trust while "
+                f"{doing} ({exc}): name its CA in the state URL, rediss://…?ssl_ca_certs=<file>"
+            )
         elif isinstance(exc, ConnectionError | TimeoutError):
             msg = (
                 f"Redis at {where} did not answer while {doing} ({type(exc).__name__}: {exc}): "

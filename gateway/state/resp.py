@@ -113,10 +113,16 @@ class _Connection(asyncio.Protocol):
 
 class RespClient:
     """Pipelined calls over ``size`` connections, made on first use and remade after a
-    failure. ``kwargs`` are redis-py's connection keywords (from its URL parsing)."""
+    failure. ``kwargs`` are redis-py's connection keywords (from its URL parsing); ``tls``
+    the context for TLS connections (None: plain TCP)."""
 
     def __init__(
-        self, kwargs: dict[str, Any], *, tls: bool = False, size: int = 4, timeout: float = 5.0
+        self,
+        kwargs: dict[str, Any],
+        *,
+        tls: ssl.SSLContext | None = None,
+        size: int = 4,
+        timeout: float = 5.0,
     ) -> None:
         self._kw = kwargs
         self._tls = tls
@@ -138,9 +144,8 @@ class RespClient:
                 if kw.get("path"):
                     _, conn = await loop.create_unix_connection(make, kw["path"])
                 else:
-                    tls = ssl.create_default_context() if self._tls else None
                     _, conn = await loop.create_connection(
-                        make, kw.get("host", "localhost"), kw.get("port", 6379), ssl=tls
+                        make, kw.get("host", "localhost"), kw.get("port", 6379), ssl=self._tls
                     )
                 setup: list[list[Any]] = []
                 if kw.get("password"):
