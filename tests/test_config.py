@@ -83,6 +83,29 @@ def test_deployment_references(tmp_path: Path) -> None:
     assert "aliases.y: unknown model 'zzz'" in found
 
 
+def test_a_redis_url_whose_tls_files_cannot_be_used_is_a_config_problem(tmp_path: Path) -> None:
+    """Found at load (and by ``gateway check``), naming the parameter, rather than as a
+    crash or a 503 on every request later."""
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("not a certificate")
+    cases = {
+        f"rediss://r:6380/0?ssl_ca_certs={tmp_path / 'missing.pem'}": (
+            f"ssl_ca_certs in the state URL names {tmp_path / 'missing.pem'}, which cannot be "
+            "read (No such file or directory)"
+        ),
+        f"rediss://r:6380/0?ssl_ca_certs={not_pem}": "TLS settings in the state URL cannot be used",
+        "rediss://r:6380/0?ssl_cert_reqs=sometimes": "Invalid SSL Certificate Requirements",
+    }
+    for url, says in cases.items():
+        cfg = gateway_config()
+        cfg["state"] = url
+        (p,) = problems(write(tmp_path, cfg, policy({})))
+        assert "state" in p and says in p, p
+    cfg = gateway_config()
+    cfg["state"] = "rediss://r:6380/0?ssl_cert_reqs=required&socket_timeout=1"
+    load_config(write(tmp_path, cfg, policy({})))  # valid: nothing is connected at load
+
+
 def test_env_substitution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert substitute({"a": ["${X}", "${Y:-dflt}", "$${literal}"]}, "f", {"X": "1"}) == {
         "a": ["1", "dflt", "${literal}"]

@@ -192,6 +192,10 @@ class GatewayConfig(Strict):
             raise ValueError(
                 "state must be sqlite:///path, memory:// or redis://host:port/db, got " + repr(v)
             )
+        if v.startswith(("redis://", "rediss://")):
+            from ..state.redis import check_url  # imported only for a Redis URL
+
+            check_url(v)
         return v
 
     @model_validator(mode="after")

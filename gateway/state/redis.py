@@ -282,14 +282,43 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
 def _tls_context(pool: BlockingConnectionPool) -> ssl.SSLContext | None:
     """The TLS context redis-py's own connections use for this URL (``rediss://``, with
     its ``ssl_ca_certs``, ``ssl_cert_reqs``, ``ssl_certfile``... parameters), or None
-    for plain TCP: the pipelined client must trust exactly what redis-py trusts."""
+    for plain TCP: the pipelined client must trust exactly what redis-py trusts. Raises
+    ValueError, naming the parameter, when a file it names cannot be used."""
     if not issubclass(pool.connection_class, SSLConnection):
         return None
-    conn = pool.connection_class(**pool.connection_kwargs)  # not connected: no I/O
-    return conn.ssl_context.get()
+    kw = pool.connection_kwargs
+    for name in _TLS_FILES:
+        path = kw.get(name)
+        if path is not None:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise ValueError(
+                    f"{name} in the state URL names {path}, which cannot be read "
+                    f"({exc.strerror or exc})"
+                ) from None
+    try:
+        conn = pool.connection_class(**kw)  # not connected: no I/O
+        return conn.ssl_context.get()
+    except (ssl.SSLError, OSError, RedisError) as exc:
+        raise ValueError(f"the TLS settings in the state URL cannot be used: {exc}") from None
+
+
+def check_url(url: str) -> None:
+    """ValueError, saying what is wrong, if the gateway cannot use Redis state URL ``url``
+    (for the config's validation: a TLS file that is missing fails at load, by name)."""
+    pool = BlockingConnectionPool.from_url(url)
+    try:
+        _tls_context(pool)
+    finally:
+        pool.reset()
 
 
 class RedisState(StateBackend):
