@@ -314,11 +314,7 @@ def _tls_context(pool: BlockingConnectionPool) -> ssl.SSLContext | None:
 def check_url(url: str) -> None:
     """ValueError, saying what is wrong, if the gateway cannot use Redis state URL ``url``
     (for the config's validation: a TLS file that is missing fails at load, by name)."""
-    pool = BlockingConnectionPool.from_url(url)
-    try:
-        _tls_context(pool)
-    finally:
-        pool.reset()
+    _tls_context(BlockingConnectionPool.from_url(url))  # a pool opens nothing until used
 
 
 class RedisState(StateBackend):
