@@ -4,6 +4,7 @@ that fails (a tool's timeouts under valgrind, say) says what the server answered
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -14,12 +15,18 @@ ERROR = b'{"error":{"message":"Redis at 127.0.0.1:1/0 did not answer","code":"x"
 OK = b'{"ok":true}'
 
 
-async def _serve(answer: Callable[[int], bytes]) -> tuple[asyncio.Server, str]:
-    """An HTTP/1.1 server on a free port answering every request with ``answer(n)``."""
+@contextlib.asynccontextmanager
+async def _serve(answer: Callable[[int], bytes]) -> AsyncIterator[str]:
+    """An HTTP/1.1 server on a free port answering every request with ``answer(n)``; its
+    URL. Its connections are closed and their handlers done when the block ends."""
     count = 0
+    handlers: list[asyncio.Task[None]] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal count
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.append(task)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -31,12 +38,23 @@ async def _serve(answer: Callable[[int], bytes]) -> tuple[asyncio.Server, str]:
                 await reader.readexactly(length)
                 count += 1
                 writer.write(answer(count))
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
             writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    return server, f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        yield f"http://127.0.0.1:{port}/v1/chat/completions"
+    finally:
+        server.close()
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await server.wait_closed()
 
 
 def _response(status: bytes, body: bytes) -> bytes:
@@ -45,13 +63,13 @@ def _response(status: bytes, body: bytes) -> bytes:
 
 @pytest.fixture
 async def failing_every_third() -> AsyncIterator[str]:
-    server, url = await _serve(
-        lambda n: (
-            _response(b"503 Service Unavailable", ERROR) if n % 3 == 0 else _response(b"200 OK", OK)
-        )
-    )
-    yield url
-    server.close()
+    def answer(n: int) -> bytes:
+        if n % 3 == 0:
+            return _response(b"503 Service Unavailable", ERROR)
+        return _response(b"200 OK", OK)
+
+    async with _serve(answer) as url:
+        yield url
 
 
 async def test_a_failed_run_says_what_the_server_answered(failing_every_third: str) -> None:
@@ -63,9 +81,6 @@ async def test_a_failed_run_says_what_the_server_answered(failing_every_third: s
 
 
 async def test_a_clean_run_has_no_first_error() -> None:
-    server, url = await _serve(lambda n: _response(b"200 OK", OK))
-    try:
+    async with _serve(lambda n: _response(b"200 OK", OK)) as url:
         res = await run_load(LoadSpec(url=url, concurrency=3, body=lambda n: b"{}", requests=20))
-    finally:
-        server.close()
     assert res.errors == 0 and res.first_error is None and res.requests >= 20

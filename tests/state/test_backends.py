@@ -948,12 +948,17 @@ async def test_a_silent_redis_fails_calls_within_the_urls_socket_timeout() -> No
     """The state URL's ``socket_timeout`` bounds every call, the hot path's scripts (on the
     pipelining client) as well as redis-py's: a Redis that accepts connections and never
     answers (a hung server, a dead network path) costs a request 0.3 s here, not 5."""
-    peers: list[asyncio.StreamWriter] = []
+    handlers: list[asyncio.Task[None]] = []
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peers.append(writer)
-        while await reader.read(65536):
-            pass  # takes every command, answers none
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.append(task)
+        try:
+            while await reader.read(65536):
+                pass  # takes every command, answers none
+        finally:
+            writer.close()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -967,9 +972,10 @@ async def test_a_silent_redis_fails_calls_within_the_urls_socket_timeout() -> No
             assert 0.25 < loop.time() - t0 < 2.0
     finally:
         await state.close()
-        for w in peers:
-            w.close()
         server.close()
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
         await server.wait_closed()
 
 
