@@ -74,6 +74,15 @@ def bad_request(message: str, *, param: str | None = None, code: str | None = No
     return GatewayError(400, message, type="invalid_request_error", param=param, code=code)
 
 
+def bad_cursor() -> GatewayError:
+    """A ledger page's ``cursor`` that no page of this gateway's state backend gave out."""
+    return bad_request(
+        "cursor is not one this ledger gave out: pass a page's next_cursor, or no cursor "
+        "for the first page.",
+        param="cursor",
+    )
+
+
 def unauthorized(message: str) -> GatewayError:
     return GatewayError(401, message, type="authentication_error", code="invalid_api_key")
 

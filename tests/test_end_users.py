@@ -257,6 +257,64 @@ def test_end_users_of_two_tenants_are_separate(
     assert "end user 'zoe' has a balance of $0.000000000" in body["message"]
 
 
+def admin_ledger(gw: Gateway, **params: Any) -> httpx.Response:
+    with httpx.Client(base_url=gw.url, timeout=30) as http:
+        return http.get("/admin/ledger", params=params, headers=auth("admin-key"))
+
+
+def test_operators_page_through_one_end_users_ledger(
+    make_gateway: Callable[..., Gateway], state: dict[str, Any]
+) -> None:
+    """``/admin/ledger?tenant=&end_user=``: the end user's rows of that tenant only, newest
+    first, page by page; the same rows its tenant sees for it."""
+    gw = make_gateway(
+        gateway_config(**state),
+        {"p": policy({"t1": tenant("key-1", **PREPAID), "t2": tenant("key-2", **PREPAID)})},
+    )
+    assert top_up(gw, "alice", "1.00", "a1").status_code == 200
+    assert top_up(gw, "alice", "1.00", "a2", key="key-2").status_code == 200
+    assert top_up(gw, "bob", "1.00", "b1").status_code == 200
+    for user in ("alice", "bob", "alice"):
+        gw.client("key-1").chat.completions.create(model="mock-chat", messages=MSG, user=user)
+    rows: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        page = admin_ledger(
+            gw, tenant="t1", end_user="alice", limit=2, **({"cursor": cursor} if cursor else {})
+        )
+        assert page.status_code == 200, page.text
+        rows.extend(page.json()["data"])
+        cursor = page.json()["next_cursor"]
+        if not cursor:
+            break
+    assert len(rows) == 3  # a top-up and two calls, not bob's nor t2's
+    assert {(r["tenant"], r["end_user"]) for r in rows} == {("t1", "alice")}
+    assert [r["id"] for r in rows] == [r["id"] for r in end_user_ledger(gw, "alice")]
+    assert rows[0]["time"] >= rows[-1]["time"]
+
+
+def test_the_admin_ledger_refuses_what_it_cannot_answer(
+    make_gateway: Callable[..., Gateway], state: dict[str, Any]
+) -> None:
+    gw = make_gateway(gateway_config(**state), {"p": policy({"t1": tenant("key-1", **PREPAID)})})
+    cases = [
+        ({"end_user": "alice"}, "end_user", "end_user needs tenant"),
+        ({"tenant": "t1", "end_user": "alice", "model": "x"}, "end_user", "combines only"),
+        ({"cursor": "garbage"}, "cursor", "cursor is not one this ledger gave out"),
+        ({"tenant": "t1", "end_user": "alice", "cursor": "garbage"}, "cursor", "next_cursor"),
+    ]
+    for params, param, says in cases:
+        r = admin_ledger(gw, **params)
+        assert r.status_code == 400, (params, r.text)
+        err = r.json()["error"]
+        assert err["param"] == param and says in err["message"], (params, err)
+    with httpx.Client(base_url=gw.url, timeout=30) as http:
+        r = http.get(
+            "/v1/gateway/end-users/alice/ledger", params={"cursor": "x:y"}, headers=auth("key-1")
+        )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "cursor", r.text
+
+
 def test_end_user_ids_are_validated_and_the_header_wins(
     make_gateway: Callable[..., Gateway],
 ) -> None:

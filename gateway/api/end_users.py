@@ -11,7 +11,7 @@ import orjson
 from litestar import Response, get, post
 
 from ..config.snapshot import Tenant
-from ..errors import GatewayError, bad_request, state_unavailable
+from ..errors import GatewayError, bad_cursor, bad_request, state_unavailable
 from ..money import MAX_EXACT_NANOS, MoneyError, nanos_to_usd, usd_to_nanos
 from ..pipeline.admit import end_user_terms_for
 from ..pipeline.context import new_request_id
@@ -163,10 +163,8 @@ async def end_user_ledger(request: Req) -> Response[bytes]:
         page = await rt.state.ledger(q)
     except StateUnavailable as exc:
         raise state_unavailable(str(exc)) from None
-    except ValueError as exc:
-        raise bad_request(
-            f"{exc}: pass the next_cursor of a previous page.", param="cursor"
-        ) from None
+    except ValueError:  # a cursor this backend did not make
+        raise bad_cursor() from None
     return _json(
         {
             "object": "list",

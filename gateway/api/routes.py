@@ -10,7 +10,7 @@ import orjson
 from litestar import Request, Response, get, post
 
 from ..config.snapshot import Tenant
-from ..errors import GatewayError, bad_request, not_found, state_unavailable
+from ..errors import GatewayError, bad_cursor, bad_request, not_found, state_unavailable
 from ..money import nanos_to_usd
 from ..pipeline.admit import reserve_prompt_tokens, worst_case
 from ..pipeline.context import RequestContext, new_request_id
@@ -237,8 +237,20 @@ async def admin_ledger(request: Req) -> Response[bytes]:
         status = int(qp["status"]) if "status" in qp else None
     except ValueError:
         raise bad_request("limit and status must be integers.") from None
+    end_user = qp.get("end_user")
+    if end_user is not None:
+        # An end user's rows are read from its own index (Redis state): by position only.
+        if not qp.get("tenant"):
+            raise bad_request(
+                "end_user needs tenant: an end user id belongs to its tenant.", param="end_user"
+            )
+        if any(k in qp for k in ("model", "status", "since", "until")):
+            raise bad_request(
+                "end_user combines only with tenant, limit and cursor.", param="end_user"
+            )
     q = LedgerQuery(
         tenant=qp.get("tenant"),
+        end_user=end_user,
         model=qp.get("model"),
         since_ms=_time_param(request, "since"),
         until_ms=_time_param(request, "until"),
@@ -250,6 +262,8 @@ async def admin_ledger(request: Req) -> Response[bytes]:
         page = await rt.state.ledger(q)
     except StateUnavailable as exc:
         raise state_unavailable(str(exc)) from None
+    except ValueError:  # a cursor this backend did not make
+        raise bad_cursor() from None
     return _json(
         {
             "object": "list",
