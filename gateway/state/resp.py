@@ -18,6 +18,7 @@ reply arriving later would otherwise be handed to the next caller."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections import deque
 from typing import Any
@@ -113,8 +114,10 @@ class _Connection(asyncio.Protocol):
 
 class RespClient:
     """Pipelined calls over ``size`` connections, made on first use and remade after a
-    failure. ``kwargs`` are redis-py's connection keywords (from its URL parsing); ``tls``
-    the context for TLS connections (None: plain TCP)."""
+    failure. ``kwargs`` are redis-py's connection keywords (from its URL parsing): host,
+    port or path, username, password, db, client_name, socket_connect_timeout,
+    socket_keepalive (and its options); ``tls`` the context for TLS connections (None:
+    plain TCP)."""
 
     def __init__(
         self,
@@ -147,12 +150,20 @@ class RespClient:
                     _, conn = await loop.create_connection(
                         make, kw.get("host", "localhost"), kw.get("port", 6379), ssl=self._tls
                     )
+                if kw.get("socket_keepalive") and not kw.get("path"):
+                    sock = conn.transport.get_extra_info("socket") if conn.transport else None
+                    if sock is not None:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                        for opt, value in (kw.get("socket_keepalive_options") or {}).items():
+                            sock.setsockopt(socket.IPPROTO_TCP, opt, value)
                 setup: list[list[Any]] = []
                 if kw.get("password"):
                     user = kw.get("username")
                     setup.append(["AUTH", *([user] if user else []), kw["password"]])
                 if kw.get("db"):
                     setup.append(["SELECT", kw["db"]])
+                if kw.get("client_name"):  # as redis-py names its own connections
+                    setup.append(["CLIENT", "SETNAME", kw["client_name"]])
                 try:
                     for cmd in setup:
                         await conn.send(hiredis.pack_command(tuple(cmd)))

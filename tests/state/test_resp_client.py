@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -168,3 +169,31 @@ async def test_a_command_on_a_closed_connection_fails_at_once(server: PrivateRed
     with pytest.raises(RedisConnectionError):
         await asyncio.wait_for(conn.send(b"*1\r\n$4\r\nPING\r\n"), 1)
     client.close()
+
+
+async def test_the_urls_client_name_and_keepalive_apply(server: PrivateRedis) -> None:
+    """What redis-py does with ``client_name`` and ``socket_keepalive`` for its own
+    connections, the pipelined ones do too: named in CLIENT LIST, TCP keepalive on."""
+    pool = BlockingConnectionPool.from_url(
+        f"redis://127.0.0.1:{server.port}/0?client_name=gw-hot-path&socket_keepalive=true"
+    )
+    client = RespClient(dict(pool.connection_kwargs), size=1)
+    try:
+        assert await client.call("PING") == b"PONG"
+        listed = await client.call("CLIENT", "LIST")
+        assert b"name=gw-hot-path" in listed
+        conn = client._conns[0]
+        assert conn is not None and conn.transport is not None
+        sock = conn.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    finally:
+        client.close()
+    plain = server.client()  # neither asked for: neither done
+    try:
+        assert await plain.call("PING") == b"PONG"
+        conn = plain._conns[0] or plain._conns[1]
+        assert conn is not None and conn.transport is not None
+        sock = conn.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+    finally:
+        plain.close()
