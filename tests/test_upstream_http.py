@@ -4,6 +4,7 @@ stale keep-alive connections, TLS with a private CA."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import ssl
 from collections.abc import Callable, Iterator
@@ -12,11 +13,14 @@ from pathlib import Path
 import openai
 import pytest
 import trustme
+from pydantic import ValidationError
 from servers.configs import gateway_config, policy, tenant
 from servers.gateway import Gateway
+from servers.proxy import connect_proxy
 from servers.raw import raw_server
 
-from gateway.upstream.rawhttp import Pool, post
+from gateway.config.deployment import ProviderConfig
+from gateway.upstream.rawhttp import Pool, Proxy, parse_proxy, post
 
 MSG = [{"role": "user", "content": "hi"}]
 COMPLETION = json.dumps({
@@ -152,3 +156,88 @@ def test_push_hands_the_sink_one_reads_chunks_in_one_call() -> None:
         calls, rest = asyncio.run(run(port))
     assert calls == [b"a", b"bcde"]
     assert rest == b""
+
+
+# -- through an HTTP proxy (CONNECT tunnels) ----------------------------------------------
+def test_an_https_upstream_through_a_proxy_with_credentials(
+    make_gateway: Callable[..., Gateway], ca: trustme.CA, tls_server: int, tmp_path: Path
+) -> None:
+    """TLS to the upstream inside the tunnel (the proxy sees only CONNECT), the password
+    percent-decoded, and keep-alive: three calls, one tunnel."""
+    pem = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(pem))
+    expected = "Basic " + base64.b64encode(b"gw:p@ss w").decode()
+    with connect_proxy(required_auth=expected) as (pport, log):
+        gw = gateway_for(
+            make_gateway,
+            f"https://localhost:{tls_server}/v1",
+            tls_ca_file=str(pem),
+            proxy=f"http://gw:p%40ss%20w@127.0.0.1:{pport}",
+        )
+        client = gw.client("key-1")
+        for _ in range(3):
+            resp = client.chat.completions.create(model="cheap", messages=MSG)
+            assert resp.choices[0].message.content == "from raw"
+        assert log.tunnels == [(f"localhost:{tls_server}", expected)]
+
+
+def test_an_http_upstream_through_a_proxy(make_gateway: Callable[..., Gateway]) -> None:
+    with raw_server(lambda req, n: with_length()) as port, connect_proxy() as (pport, log):
+        gw = gateway_for(
+            make_gateway, f"http://127.0.0.1:{port}/v1", proxy=f"http://127.0.0.1:{pport}"
+        )
+        resp = gw.client("key-1").chat.completions.create(model="cheap", messages=MSG)
+        assert resp.choices[0].message.content == "from raw"
+        assert log.tunnels == [(f"127.0.0.1:{port}", None)]
+
+
+def test_a_proxy_that_refuses_the_tunnel_is_a_clear_error(
+    make_gateway: Callable[..., Gateway],
+) -> None:
+    with raw_server(lambda req, n: with_length()) as port, connect_proxy("Basic x") as (pp, log):
+        gw = gateway_for(
+            make_gateway, f"http://127.0.0.1:{port}/v1", proxy=f"http://127.0.0.1:{pp}"
+        )
+        with pytest.raises(openai.APIStatusError) as exc:
+            gw.client("key-1").chat.completions.create(model="cheap", messages=MSG)
+        assert log.refused >= 1
+    msg = exc.value.message
+    assert exc.value.status_code in (502, 503), msg
+    assert f"through proxy 127.0.0.1:{pp}" in msg and "407 Proxy Authentication Required" in msg
+
+
+def test_proxy_urls_are_checked_without_showing_credentials() -> None:
+    ok = ProviderConfig(base_url="https://x/v1", proxy="http://u:secret@proxy.internal:3128")
+    assert ok.proxy is not None
+    assert parse_proxy(ok.proxy.get_secret_value()) == Proxy(
+        "proxy.internal", 3128, b"Basic " + base64.b64encode(b"u:secret")
+    )
+    assert ProviderConfig(base_url="https://x/v1", proxy="").proxy is None  # ${X:-} unset
+    for bad, says in [
+        ("https://u:secret@proxy:3128", "must be http://"),
+        ("http://u:secret@proxy:port", "port is not a number"),
+        ("http://u:secret@proxy:3128/path", "nothing more"),
+        ("proxy:3128", "must be http://"),
+    ]:
+        with pytest.raises(ValidationError) as exc:
+            ProviderConfig(base_url="https://x/v1", proxy=bad)
+        shown = exc.value.errors()[0]["msg"]  # what the config loader reports (not the input)
+        assert says in shown and "secret" not in shown, shown
+
+
+def test_a_failed_handshake_in_a_tunnel_frees_its_place_in_the_pool(tls_server: int) -> None:
+    """The connection counts against the pool's limit once: TLS that fails inside the
+    tunnel (an untrusted certificate) frees it, and the next try can connect again."""
+
+    async def run() -> int:
+        untrusting = ssl.create_default_context()  # the system CAs: not the test CA
+        with connect_proxy() as (pport, _):
+            pool = Pool("localhost", tls_server, untrusting, 1, 30, Proxy("127.0.0.1", pport))
+            for _ in range(2):  # with the place still taken, the second would wait forever
+                with pytest.raises(ssl.SSLCertVerificationError):
+                    await asyncio.wait_for(pool.acquire(5), 10)
+            await asyncio.sleep(0.2)  # the failed transports' connection_lost, if any
+            await pool.aclose()
+            return pool._open
+
+    assert asyncio.run(run()) == 0

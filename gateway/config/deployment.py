@@ -63,6 +63,9 @@ class ProviderConfig(Strict):
     # (a private CA for a self-hosted vLLM, say). tls_verify: false is for tests only.
     tls_ca_file: str | None = None
     tls_verify: bool = True
+    # http://[user:password@]host:port: connections go through this HTTP proxy (CONNECT
+    # tunnels, TLS to the upstream inside them). Empty (an unset ${HTTPS_PROXY:-}): none.
+    proxy: SecretStr | None = None
     timeouts: Timeouts = Timeouts()
     retries: Retries = Retries()
     breaker: Breaker = Breaker()
@@ -83,6 +86,16 @@ class ProviderConfig(Strict):
         if self.base_url and not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
         return self
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None or not v.get_secret_value():
+            return None
+        from ..upstream.rawhttp import parse_proxy  # imported only when a proxy is set
+
+        parse_proxy(v.get_secret_value())  # its errors never hold the credentials
+        return v
 
 
 class PriceConfig(Strict):

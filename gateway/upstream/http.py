@@ -53,12 +53,15 @@ class HttpUpstream:
         headers.update(cfg.headers)
         self._headers = "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1")
         self._timeouts = cfg.timeouts
+        proxy = rawhttp.parse_proxy(cfg.proxy.get_secret_value()) if cfg.proxy else None
+        self._via = f" through proxy {proxy}" if proxy else ""
         self._pool = rawhttp.Pool(
             u.hostname or "localhost",
             u.port or (443 if tls else 80),
             tls_context(cfg) if tls else None,
             cfg.max_connections,
             IDLE_SECONDS,
+            proxy,
         )
 
     async def aclose(self) -> None:
@@ -72,9 +75,9 @@ class HttpUpstream:
         if isinstance(exc, rawhttp.BadResponse):
             return UpstreamBadResponse(self.name, model, f"invalid HTTP response ({exc})")
         if isinstance(exc, OSError):
-            reason = exc.strerror or "refused"
+            reason = exc.strerror or str(exc) or "refused"
             return UpstreamUnreachable(
-                self.name, model, f"cannot connect to {self._host} ({reason})"
+                self.name, model, f"cannot connect to {self._host}{self._via} ({reason})"
             )
         return UpstreamUnreachable(self.name, model, f"{type(exc).__name__}")
 

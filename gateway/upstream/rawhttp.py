@@ -3,18 +3,21 @@ response parser and a LIFO pool of keep-alive connections (TLS when the URL is h
 
 It does only what an OpenAI-compatible upstream needs: a POST with a body, a response
 read whole or as it arrives (Content-Length or chunked) or pushed to a callback as it
-arrives (``Response.push``), keep-alive, and backpressure (reading pauses while a slow
-client leaves 256 KiB unread). Measured on the benchmark,
-it costs a fraction of aiohttp's ClientSession per request; :mod:`.http` translates its
-errors."""
+arrives (``Response.push``), keep-alive, backpressure (reading pauses while a slow
+client leaves 256 KiB unread), and an HTTP proxy (CONNECT tunnels, TLS inside them).
+Measured on the benchmark, it costs a fraction of aiohttp's ClientSession per request;
+:mod:`.http` translates its errors."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 import httptools
 
@@ -228,6 +231,8 @@ class Connection(asyncio.Protocol):
         self.closed = True
         if not self.gone.done():
             self.gone.set_result(None)
+        if self.transport is None:
+            return  # never connected (TLS in a proxy's tunnel failed): acquire() counts it
         r = self.response
         if r is not None:
             if r._until_close and r._head.done() and exc is None:
@@ -307,13 +312,119 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
 
+@dataclass(frozen=True, slots=True)
+class Proxy:
+    """An HTTP proxy that upstream connections go through, as CONNECT tunnels."""
+
+    host: str
+    port: int
+    authorization: bytes | None = None  # the Proxy-Authorization value (Basic), if any
+
+    def __str__(self) -> str:  # never the credentials
+        return f"{self.host}:{self.port}"
+
+
+def parse_proxy(url: str) -> Proxy:
+    """``http://[user:password@]host:port`` (port 80 if left out); ValueError, without
+    the credentials, for anything else (an https:// proxy, TLS to the proxy itself, is
+    not supported)."""
+    u = urlsplit(url)
+    if u.scheme != "http":
+        raise ValueError(
+            f"a proxy must be http://[user:password@]host:port, not {u.scheme or 'no'} scheme"
+            " (the tunnel to an https upstream is TLS; the connection to the proxy is not)"
+        )
+    try:
+        port = u.port or 80
+    except ValueError:
+        raise ValueError("the proxy's port is not a number") from None
+    if not u.hostname or u.path not in ("", "/") or u.query:
+        raise ValueError("a proxy must be http://[user:password@]host:port, nothing more")
+    auth = None
+    if u.username is not None:
+        pair = f"{unquote(u.username)}:{unquote(u.password or '')}"
+        auth = b"Basic " + base64.b64encode(pair.encode())
+    return Proxy(u.hostname, port, auth)
+
+
+class ProxyRefused(OSError):
+    """The proxy would not open the tunnel (its status line says why)."""
+
+
+class _Tunnel(asyncio.Protocol):
+    """The connection to the proxy until its answer to CONNECT: reads that answer's head."""
+
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self._head = b""
+        self.answered: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._head += data
+        if b"\r\n\r\n" in self._head and not self.answered.done():
+            head, _, rest = self._head.partition(b"\r\n\r\n")
+            if rest:  # nothing may come before the client's first TLS/HTTP bytes
+                self.answered.set_exception(ProxyRefused(None, "the proxy sent data early"))
+            else:
+                self.answered.set_result(head)
+        elif len(self._head) > 65536 and not self.answered.done():
+            self.answered.set_exception(ProxyRefused(None, "the proxy's answer has no end"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answered.done():
+            why = f"the proxy closed the connection ({exc})" if exc else "the proxy closed it"
+            self.answered.set_exception(ProxyRefused(None, why))
+
+
+async def _through_proxy(
+    proxy: Proxy, host: str, port: int, tls: ssl.SSLContext | None, conn: Connection
+) -> None:
+    """Connect ``conn`` to host:port through a CONNECT tunnel at ``proxy``, with TLS inside
+    the tunnel when ``tls`` is given."""
+    loop = asyncio.get_running_loop()
+    transport, tunnel = await loop.create_connection(_Tunnel, proxy.host, proxy.port)
+    try:
+        target = f"{host}:{port}".encode("idna")
+        request = b"CONNECT %b HTTP/1.1\r\nHost: %b\r\n" % (target, target)
+        if proxy.authorization is not None:
+            request += b"Proxy-Authorization: %b\r\n" % proxy.authorization
+        transport.write(request + b"\r\n")
+        head = await tunnel.answered
+        status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].startswith("2"):
+            raise ProxyRefused(None, f"proxy {proxy} answered {status_line!r} to CONNECT")
+        if tls is not None:
+            inner = await loop.start_tls(transport, conn, tls, server_hostname=host)
+            if inner is None:  # only for a transport that was closing
+                raise ProxyRefused(None, f"the tunnel through proxy {proxy} closed")
+            transport = inner
+        else:
+            transport.set_protocol(conn)
+    except BaseException:
+        transport.close()
+        raise
+    conn.connection_made(transport)
+
+
 class Pool:
-    """Keep-alive connections to one host:port, at most ``limit`` open at a time."""
+    """Keep-alive connections to one host:port, at most ``limit`` open at a time; through
+    ``proxy`` (CONNECT tunnels) if one is given."""
 
     def __init__(
-        self, host: str, port: int, tls: ssl.SSLContext | None, limit: int, idle_seconds: float
+        self,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext | None,
+        limit: int,
+        idle_seconds: float,
+        proxy: Proxy | None = None,
     ) -> None:
         self.host, self.port, self.tls = host, port, tls
+        self.proxy = proxy
         self.limit = limit
         self.idle_seconds = idle_seconds
         self._idle: list[Connection] = []
@@ -337,13 +448,17 @@ class Pool:
         self._open += 1
         try:
             async with asyncio.timeout(connect_timeout):
-                _, conn = await asyncio.get_running_loop().create_connection(
-                    lambda: Connection(self),
-                    self.host,
-                    self.port,
-                    ssl=self.tls,
-                    server_hostname=self.host if self.tls else None,
-                )
+                if self.proxy is not None:
+                    conn = Connection(self)
+                    await _through_proxy(self.proxy, self.host, self.port, self.tls, conn)
+                else:
+                    _, conn = await asyncio.get_running_loop().create_connection(
+                        lambda: Connection(self),
+                        self.host,
+                        self.port,
+                        ssl=self.tls,
+                        server_hostname=self.host if self.tls else None,
+                    )
         except BaseException:
             self._open -= 1
             self._wake_one()
