@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -241,3 +242,28 @@ def test_a_failed_handshake_in_a_tunnel_frees_its_place_in_the_pool(tls_server: 
             return pool._open
 
     assert asyncio.run(run()) == 0
+
+
+def test_a_proxy_that_never_answers_fails_within_the_connect_timeout(
+    make_gateway: Callable[..., Gateway],
+) -> None:
+    """``connect`` bounds the tunnel's opening too, and the error says it was the
+    connection (not a response within ``non_stream``)."""
+    with connect_proxy(silent=True) as (pport, _):
+        gw = gateway_for(
+            make_gateway,
+            "http://upstream.invalid/v1",
+            proxy=f"http://127.0.0.1:{pport}",
+            timeouts={"connect": 0.5, "non_stream": 30},
+            retries={"max_attempts": 1},
+        )
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as exc:
+            gw.client("key-1").with_options(max_retries=0).chat.completions.create(
+                model="cheap", messages=MSG
+            )
+        took = time.monotonic() - t0
+    msg = exc.value.message
+    assert exc.value.status_code == 502 and took < 5, (took, msg)
+    assert f"cannot connect to upstream.invalid through proxy 127.0.0.1:{pport}" in msg, msg
+    assert "no connection within 0.5 s" in msg, msg

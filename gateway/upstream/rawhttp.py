@@ -351,6 +351,10 @@ class ProxyRefused(OSError):
     """The proxy would not open the tunnel (its status line says why)."""
 
 
+class ConnectTimeout(OSError):
+    """No connection (or tunnel) within the connect timeout."""
+
+
 class _Tunnel(asyncio.Protocol):
     """The connection to the proxy until its answer to CONNECT: reads that answer's head."""
 
@@ -459,6 +463,10 @@ class Pool:
                         ssl=self.tls,
                         server_hostname=self.host if self.tls else None,
                     )
+        except TimeoutError:  # this timeout's own (an outer one's arrives as cancellation)
+            self._open -= 1
+            self._wake_one()
+            raise ConnectTimeout(None, f"no connection within {connect_timeout:g} s") from None
         except BaseException:
             self._open -= 1
             self._wake_one()

@@ -33,14 +33,21 @@ def _pump(a: socket.socket, b: socket.socket) -> None:
 
 
 @contextmanager
-def connect_proxy(required_auth: str | None = None) -> Iterator[tuple[int, ProxyLog]]:
+def connect_proxy(
+    required_auth: str | None = None, *, silent: bool = False
+) -> Iterator[tuple[int, ProxyLog]]:
     """Serve on a free port; yields the port and the log. ``required_auth``: the
-    Proxy-Authorization value a CONNECT must carry, else 407."""
+    Proxy-Authorization value a CONNECT must carry, else 407. ``silent``: take requests
+    and never answer (a hung proxy)."""
     log = ProxyLog()
+    stop = threading.Event()
 
     class Handler(socketserver.BaseRequestHandler):
         def handle(self) -> None:
             client: socket.socket = self.request
+            if silent:
+                stop.wait(30)
+                return
             head = b""
             while b"\r\n\r\n" not in head:
                 chunk = client.recv(65536)
@@ -85,5 +92,6 @@ def connect_proxy(required_auth: str | None = None) -> Iterator[tuple[int, Proxy
         try:
             yield server.server_address[1], log
         finally:
+            stop.set()
             server.shutdown()
             thread.join(5)
