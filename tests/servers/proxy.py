@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from servers.raw import serving
+
 
 @dataclass
 class ProxyLog:
@@ -82,16 +84,8 @@ def connect_proxy(
                 client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 _pump(client, upstream)
 
-    class Server(socketserver.ThreadingTCPServer):
-        daemon_threads = True
-        allow_reuse_address = True
-
-    with Server(("127.0.0.1", 0), Handler) as server:
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield server.server_address[1], log
-        finally:
-            stop.set()
-            server.shutdown()
-            thread.join(5)
+    try:
+        with serving(Handler) as port:
+            yield port, log
+    finally:
+        stop.set()

@@ -76,11 +76,20 @@ def raw_server(
             finally:
                 sock.close()
 
-    class Server(socketserver.ThreadingTCPServer):
-        daemon_threads = True
-        allow_reuse_address = True
+    with serving(Handler) as port:
+        yield port
 
-    with Server(("127.0.0.1", 0), Handler) as server:
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+@contextmanager
+def serving(handler: type[socketserver.BaseRequestHandler]) -> Iterator[int]:
+    """A threaded TCP server on a free port of 127.0.0.1, one thread per connection running
+    ``handler``; yields the port, shuts down at the end of the block."""
+    with _Server(("127.0.0.1", 0), handler) as server:
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         try:
