@@ -201,7 +201,7 @@ def test_a_proxy_that_refuses_the_tunnel_is_a_clear_error(
         )
         with pytest.raises(openai.APIStatusError) as exc:
             gw.client("key-1").chat.completions.create(model="cheap", messages=MSG)
-        assert log.refused >= 1
+        assert log.refused[0] == f"127.0.0.1:{port}"
     msg = exc.value.message
     assert exc.value.status_code in (502, 503), msg
     assert f"through proxy 127.0.0.1:{pp}" in msg and "407 Proxy Authentication Required" in msg
@@ -267,3 +267,14 @@ def test_a_proxy_that_never_answers_fails_within_the_connect_timeout(
     assert exc.value.status_code == 502 and took < 5, (took, msg)
     assert f"cannot connect to upstream.invalid through proxy 127.0.0.1:{pport}" in msg, msg
     assert "no connection within 0.5 s" in msg, msg
+
+
+def test_an_ipv6_upstream_is_named_in_brackets_in_connect() -> None:
+    async def run() -> None:
+        with connect_proxy(required_auth="Basic x") as (pport, log):
+            pool = Pool("::1", 8443, None, 1, 30, Proxy("127.0.0.1", pport))
+            with pytest.raises(OSError, match="407"):
+                await pool.acquire(5)
+            assert log.refused == ["[::1]:8443"]
+
+    asyncio.run(run())

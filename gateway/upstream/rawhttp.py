@@ -391,7 +391,8 @@ async def _through_proxy(
     loop = asyncio.get_running_loop()
     transport, tunnel = await loop.create_connection(_Tunnel, proxy.host, proxy.port)
     try:
-        target = f"{host}:{port}".encode("idna")
+        name = f"[{host}]".encode() if ":" in host else host.encode("idna")  # IPv6 in brackets
+        target = b"%b:%d" % (name, port)
         request = b"CONNECT %b HTTP/1.1\r\nHost: %b\r\n" % (target, target)
         if proxy.authorization is not None:
             request += b"Proxy-Authorization: %b\r\n" % proxy.authorization

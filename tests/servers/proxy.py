@@ -17,7 +17,7 @@ from servers.raw import serving
 @dataclass
 class ProxyLog:
     tunnels: list[tuple[str, str | None]] = field(default_factory=list)  # (target, auth)
-    refused: int = 0
+    refused: list[str] = field(default_factory=list)  # the targets of CONNECTs refused
 
 
 def _pump(a: socket.socket, b: socket.socket) -> None:
@@ -67,7 +67,7 @@ def connect_proxy(
                 client.sendall(b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\n\r\n")
                 return
             if required_auth is not None and auth != required_auth:
-                log.refused += 1
+                log.refused.append(target)
                 client.sendall(
                     b"HTTP/1.1 407 Proxy Authentication Required\r\n"
                     b'proxy-authenticate: Basic realm="egress"\r\ncontent-length: 0\r\n\r\n'
