@@ -14,8 +14,9 @@ from pathlib import Path
 import openai
 import pytest
 import trustme
+from fake_upstream import FakeUpstream
 from pydantic import ValidationError
-from servers.configs import gateway_config, policy, tenant
+from servers.configs import directive, gateway_config, policy, tenant
 from servers.gateway import Gateway
 from servers.proxy import connect_proxy
 from servers.raw import raw_server
@@ -278,3 +279,25 @@ def test_an_ipv6_upstream_is_named_in_brackets_in_connect() -> None:
             assert log.refused == ["[::1]:8443"]
 
     asyncio.run(run())
+
+
+def test_a_stream_through_a_proxy_arrives_whole(
+    make_gateway: Callable[..., Gateway], fake: FakeUpstream
+) -> None:
+    """Chunks relayed from the upstream connection's callback through a tunnel, and the
+    usage chunk at the end, as without a proxy."""
+    with connect_proxy() as (pport, log):
+        gw = gateway_for(make_gateway, fake.base_url, proxy=f"http://127.0.0.1:{pport}")
+        chunks = list(
+            gw.client("key-1").chat.completions.create(
+                model="cheap",
+                messages=MSG,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body=directive(tokens=30, chunk_delay=0.005),
+            )
+        )
+        assert len(log.tunnels) == 1
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(text) > 30 and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 30
