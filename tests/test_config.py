@@ -95,6 +95,8 @@ def test_a_redis_url_whose_tls_files_cannot_be_used_is_a_config_problem(tmp_path
         ),
         f"rediss://r:6380/0?ssl_ca_certs={not_pem}": "TLS settings in the state URL cannot be used",
         "rediss://r:6380/0?ssl_cert_reqs=sometimes": "Invalid SSL Certificate Requirements",
+        "redis://r:6379/0?socket_timout=1": "a parameter 'socket_timout' that the Redis client",
+        f"redis://r:6379/0?ssl_ca_certs={not_pem}": "ssl_* parameters need rediss://",
     }
     for url, says in cases.items():
         cfg = gateway_config()

@@ -313,8 +313,20 @@ def _tls_context(pool: BlockingConnectionPool) -> ssl.SSLContext | None:
 
 def check_url(url: str) -> None:
     """ValueError, saying what is wrong, if the gateway cannot use Redis state URL ``url``
-    (for the config's validation: a TLS file that is missing fails at load, by name)."""
-    _tls_context(BlockingConnectionPool.from_url(url))  # a pool opens nothing until used
+    (for the config's validation: a misspelt query parameter, or a TLS file that is
+    missing, fails at load, by name, rather than at the first connection)."""
+    pool = BlockingConnectionPool.from_url(url)  # a pool opens nothing until used
+    try:
+        pool.connection_class(**pool.connection_kwargs)  # nor does a connection object
+    except TypeError as exc:  # "... got an unexpected keyword argument 'x'"
+        name = str(exc).rpartition(" ")[2].strip("'")
+        raise ValueError(
+            f"the state URL's query has a parameter {name!r} that the Redis client does not "
+            "know (ssl_* parameters need rediss://)"
+        ) from None
+    except RedisError:
+        pass  # a TLS setting it refuses: _tls_context says which
+    _tls_context(pool)
 
 
 class RedisState(StateBackend):
