@@ -54,15 +54,7 @@ def _direct_text(fake: FakeUpstream, **kw: Any) -> str:
 
 
 def test_a_pushed_stream_arrives_whole_and_in_order(gw: Gateway, fake: FakeUpstream) -> None:
-    chunks = list(
-        gw.client("key-1").chat.completions.create(
-            model="cheap",
-            messages=MSG,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_body=directive(tokens=40, chunk_delay=0.005),
-        )
-    )
+    chunks = gw.stream("key-1", MSG, tokens=40)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == _direct_text(fake, tokens=40)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 40

@@ -16,7 +16,7 @@ import pytest
 import trustme
 from fake_upstream import FakeUpstream
 from pydantic import ValidationError
-from servers.configs import directive, gateway_config, policy, tenant
+from servers.configs import gateway_config, policy, tenant
 from servers.gateway import Gateway
 from servers.proxy import connect_proxy
 from servers.raw import raw_server
@@ -288,15 +288,7 @@ def test_a_stream_through_a_proxy_arrives_whole(
     usage chunk at the end, as without a proxy."""
     with connect_proxy() as (pport, log):
         gw = gateway_for(make_gateway, fake.base_url, proxy=f"http://127.0.0.1:{pport}")
-        chunks = list(
-            gw.client("key-1").chat.completions.create(
-                model="cheap",
-                messages=MSG,
-                stream=True,
-                stream_options={"include_usage": True},
-                extra_body=directive(tokens=30, chunk_delay=0.005),
-            )
-        )
+        chunks = gw.stream("key-1", MSG, tokens=30)
         assert len(log.tunnels) == 1
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len(text) > 30 and chunks[-1].usage is not None

@@ -27,6 +27,7 @@ from gateway.app import create_app
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.config import load_config
 from gateway.runtime import Runtime
+from servers.configs import directive
 
 
 class _QuietProtocol(HttpToolsProtocol):
@@ -81,6 +82,21 @@ class Gateway:
         client = OpenAI(base_url=self.base_url, api_key=key, **kw)
         self._clients.append(client)
         return client
+
+    def stream(
+        self, key: str, messages: list[dict[str, str]], tokens: int, chunk_delay: float = 0.005
+    ) -> list[Any]:
+        """The chunks of a ``cheap`` stream of ``tokens`` tokens (the fake upstream's
+        directive), usage chunk included, read with the SDK."""
+        return list(
+            self.client(key).chat.completions.create(
+                model="cheap",
+                messages=messages,  # type: ignore[arg-type]
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body=directive(tokens=tokens, chunk_delay=chunk_delay),
+            )
+        )
 
     def aclient(self, key: str, **kw: Any) -> AsyncOpenAI:
         kw.setdefault("max_retries", 0)
