@@ -368,8 +368,12 @@ class RedisState(StateBackend):
         # The scripts every request runs go through a lean pipelining client; redis-py
         # (above) does everything else. Both wait for a reply up to the URL's
         # socket_timeout (5 s unless it says otherwise).
+        idle = kw.get("health_check_interval")
         self._fast = RespClient(
-            dict(kw), tls=_tls_context(pool), timeout=float(kw.get("socket_timeout") or 5.0)
+            dict(kw),
+            tls=_tls_context(pool),
+            timeout=float(kw.get("socket_timeout") or 5.0),
+            idle_limit=float(idle) if idle else None,  # 0: connections are never replaced
         )
         self._ledger_tenants: set[str] = set()  # added to the tenants set by this process
         # Per tenant: its budget, leases, lease, rl and ledger keys, made once (each request

@@ -44,6 +44,7 @@ class _Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.last_read = self._loop.time()  # when Redis last sent anything (see _pick)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -54,6 +55,7 @@ class _Connection(asyncio.Protocol):
         self._fail_all(err)
 
     def data_received(self, data: bytes) -> None:
+        self.last_read = self._loop.time()
         self._reader.feed(data)
         while True:
             reply = self._reader.gets()
@@ -126,10 +128,12 @@ class RespClient:
         tls: ssl.SSLContext | None = None,
         size: int = 4,
         timeout: float = 5.0,
+        idle_limit: float | None = 30.0,
     ) -> None:
         self._kw = kwargs
         self._tls = tls
         self._timeout = timeout
+        self._idle_limit = idle_limit
         self._conns: list[_Connection | None] = [None] * size
         self._connecting: list[asyncio.Future[_Connection] | None] = [None] * size
         self._next = 0
@@ -180,11 +184,22 @@ class RespClient:
         return conn
 
     def _pick(self) -> tuple[int, _Connection | None]:
-        """The next slot in turn and its connection, if that is open."""
+        """The next slot in turn and its connection, if that is open and not idle too
+        long. A connection that heard nothing from Redis for ``idle_limit`` seconds is
+        replaced before use rather than trusted: a firewall or load balancer on the way
+        may have dropped it without a word, and a command written into it would wait the
+        whole timeout (with every command pipelined behind it) before failing."""
         i = self._next
         self._next = (i + 1) % len(self._conns)
         conn = self._conns[i]
-        return i, (conn if conn is not None and not conn.closed else None)
+        if conn is None or conn.closed:
+            return i, None
+        limit = self._idle_limit
+        if limit is not None and not conn._waiters and conn._loop.time() - conn.last_read > limit:
+            conn.close()
+            self._conns[i] = None
+            return i, None
+        return i, conn
 
     async def _connection(self, i: int) -> _Connection:
         """Slot ``i``'s connection, made (once, for all who wait) if it is not open."""

@@ -197,3 +197,80 @@ async def test_the_urls_client_name_and_keepalive_apply(server: PrivateRedis) ->
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
     finally:
         plain.close()
+
+
+class Relay:
+    """A TCP relay to Redis that can go silent on the connections it already carries, as
+    a firewall or load balancer that dropped an idle flow does: no data, no close."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.generation = 0
+        self.silent_before = 0  # connections of an older generation forward nothing
+        self.tasks: list[asyncio.Task[None]] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, r1: asyncio.StreamReader, w1: asyncio.StreamWriter) -> None:
+        gen = self.generation = self.generation + 1
+        r2, w2 = await asyncio.open_connection("127.0.0.1", self.target)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                if gen > self.silent_before:
+                    dst.write(data)
+
+        pumps = [asyncio.ensure_future(pipe(r1, w2)), asyncio.ensure_future(pipe(r2, w1))]
+        self.tasks.extend(pumps)
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in (w1, w2):
+                w.close()
+
+    def drop_existing(self) -> None:
+        self.silent_before = self.generation
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def test_a_connection_idle_past_the_limit_is_replaced_not_trusted(
+    server: PrivateRedis,
+) -> None:
+    """A flow dropped silently while idle: the next call opens a new connection and
+    answers at once, instead of waiting out the timeout on the dead one."""
+    relay = Relay(server.port)
+    port = await relay.start()
+    client = RespClient({"host": "127.0.0.1", "port": port}, size=1, timeout=2, idle_limit=0.3)
+    loop = asyncio.get_running_loop()
+    try:
+        assert await client.call("PING") == b"PONG"
+        relay.drop_existing()
+        await asyncio.sleep(0.4)
+        t0 = loop.time()
+        assert await client.call("PING") == b"PONG"
+        assert loop.time() - t0 < 1.0
+    finally:
+        client.close()
+        await relay.close()
+
+
+async def test_a_busy_connection_is_kept(server: PrivateRedis) -> None:
+    client = RespClient(dict(server.client()._kw), size=1, idle_limit=0.3)
+    try:
+        assert await client.call("PING") == b"PONG"
+        first = client._conns[0]
+        for _ in range(10):  # 1 s of calls, never 0.3 s apart
+            await asyncio.sleep(0.1)
+            assert await client.call("PING") == b"PONG"
+        assert client._conns[0] is first and first is not None and not first.closed
+    finally:
+        client.close()
