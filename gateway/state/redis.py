@@ -288,11 +288,22 @@ _TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 def _tls_context(pool: BlockingConnectionPool) -> ssl.SSLContext | None:
     """The TLS context redis-py's own connections use for this URL (``rediss://``, with
     its ``ssl_ca_certs``, ``ssl_cert_reqs``, ``ssl_certfile``... parameters), or None
-    for plain TCP: the pipelined client must trust exactly what redis-py trusts. Raises
-    ValueError, naming the parameter, when a file it names cannot be used."""
-    if not issubclass(pool.connection_class, SSLConnection):
-        return None
+    for plain TCP: the pipelined client must trust exactly what redis-py trusts.
+    ValueError, naming the parameter, for a query parameter the client does not know or
+    a TLS setting or file it cannot use (a connection object opens nothing until used)."""
     kw = pool.connection_kwargs
+    try:
+        conn = pool.connection_class(**kw)
+    except TypeError as exc:  # "... got an unexpected keyword argument 'x'"
+        name = str(exc).rpartition(" ")[2].strip("'")
+        raise ValueError(
+            f"the state URL's query has a parameter {name!r} that the Redis client does not "
+            "know (ssl_* parameters need rediss://)"
+        ) from None
+    except RedisError as exc:  # a TLS setting it refuses, such as ssl_cert_reqs
+        raise ValueError(f"the TLS settings in the state URL cannot be used: {exc}") from None
+    if not isinstance(conn, SSLConnection):
+        return None
     for name in _TLS_FILES:
         path = kw.get(name)
         if path is not None:
@@ -305,9 +316,8 @@ def _tls_context(pool: BlockingConnectionPool) -> ssl.SSLContext | None:
                     f"({exc.strerror or exc})"
                 ) from None
     try:
-        conn = pool.connection_class(**kw)  # not connected: no I/O
         return conn.ssl_context.get()
-    except (ssl.SSLError, OSError, RedisError) as exc:
+    except (ssl.SSLError, OSError) as exc:
         raise ValueError(f"the TLS settings in the state URL cannot be used: {exc}") from None
 
 
@@ -315,18 +325,7 @@ def check_url(url: str) -> None:
     """ValueError, saying what is wrong, if the gateway cannot use Redis state URL ``url``
     (for the config's validation: a misspelt query parameter, or a TLS file that is
     missing, fails at load, by name, rather than at the first connection)."""
-    pool = BlockingConnectionPool.from_url(url)  # a pool opens nothing until used
-    try:
-        pool.connection_class(**pool.connection_kwargs)  # nor does a connection object
-    except TypeError as exc:  # "... got an unexpected keyword argument 'x'"
-        name = str(exc).rpartition(" ")[2].strip("'")
-        raise ValueError(
-            f"the state URL's query has a parameter {name!r} that the Redis client does not "
-            "know (ssl_* parameters need rediss://)"
-        ) from None
-    except RedisError:
-        pass  # a TLS setting it refuses: _tls_context says which
-    _tls_context(pool)
+    _tls_context(BlockingConnectionPool.from_url(url))  # a pool opens nothing until used
 
 
 class RedisState(StateBackend):

@@ -69,6 +69,10 @@ class _Connection(asyncio.Protocol):
             else:
                 fut.set_result(reply)
 
+    def idle_past(self, limit: float) -> bool:
+        """Nothing awaited and nothing heard from Redis for more than ``limit`` seconds."""
+        return not self._waiters and self._loop.time() - self.last_read > limit
+
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         loop = self._loop
         fut = loop.create_future()
@@ -194,8 +198,7 @@ class RespClient:
         conn = self._conns[i]
         if conn is None or conn.closed:
             return i, None
-        limit = self._idle_limit
-        if limit is not None and not conn._waiters and conn._loop.time() - conn.last_read > limit:
+        if self._idle_limit is not None and conn.idle_past(self._idle_limit):
             conn.close()
             self._conns[i] = None
             return i, None
