@@ -3,8 +3,9 @@
 MONITOR prints every command the server runs; the lines that name a key under the
 bench's own prefix are the gateway's (Redis is shared, so other clients' commands are
 ignored). The gateway's hot path sends no pipelines, so each command is one round trip.
-Commands on ``cache`` and ``flight`` keys are the cache's; the others are the round
-trips the design bounds ("at most two outside the cache")."""
+Commands on ``cache`` and ``flight`` keys only are the cache's; the others are the round
+trips the design bounds ("at most two outside the cache"), among them the one that looks
+a cache entry up and admits the request at once ("cache+state")."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-_CACHE_KEY = re.compile(rb':(cache|flight)[":]')  # '...}:cache"' or '...:cache:<hash>"'
+_CACHE_KINDS = frozenset({b"cache", b"flight"})
 _LINE = re.compile(rb'^[\d.]+ \[\d+ ([^\]]+)\] "([A-Za-z]+)"(.*)$')
 
 
@@ -34,6 +35,10 @@ class Monitor:
         self._addr = (u.hostname or "127.0.0.1", u.port or 6379)
         self._password = u.password
         self._needle = f'"{prefix}:'.encode()
+        # '"<prefix>:v1:{<tag>}:<kind>...' or '"<prefix>:v1:<kind>': the kinds of key named
+        self._kind = re.compile(
+            b'"' + re.escape(prefix.encode()) + rb":v1:(?:\{[^}]*\}:)?([a-z-]+)"
+        )
         self.trips = Trips()
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -76,7 +81,11 @@ class Monitor:
         if m is None or m.group(1) == b"lua":  # commands a script runs are no round trips
             return
         command, rest = m.group(2).upper().decode(), m.group(3)
-        kind = "cache" if _CACHE_KEY.search(rest) else "state"
+        kinds = set(self._kind.findall(rest))
+        if kinds <= _CACHE_KINDS:
+            kind = "cache"
+        else:
+            kind = "cache+state" if kinds & _CACHE_KINDS else "state"
         self.trips.commands[f"{command} ({kind})"] += 1
         if kind == "cache":
             self.trips.cache += 1

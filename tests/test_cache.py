@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,8 @@ def make(
                     "t2": tenant("key-2"),
                     "s1": tenant("key-s1", cache={"shared": True}),
                     "s2": tenant("key-s2", cache={"shared": True}),
+                    # named like the shared entries' scope, but keeps its own
+                    "shared": tenant("key-named-shared"),
                 }
             )
         },
@@ -157,6 +160,9 @@ def test_tenants_are_isolated_unless_shared(gw: Gateway, fake: FakeUpstream) -> 
     r = gw.client("key-s2").chat.completions.with_raw_response.create(**kw)
     assert r.headers["x-gateway-cache"] == "hit"
     assert fake.calls() == 3
+    r = gw.client("key-named-shared").chat.completions.with_raw_response.create(**kw)
+    assert r.headers["x-gateway-cache"] == "miss", "a tenant named 'shared' is not the pool"
+    assert fake.calls() == 4
 
 
 def test_failures_are_not_cached(gw: Gateway, fake: FakeUpstream) -> None:
@@ -200,3 +206,20 @@ def test_hit_charge(
     full = int(miss.headers["x-gateway-cost-usd"].replace(".", ""))
     half = int(hit.headers["x-gateway-cost-usd"].replace(".", ""))
     assert half == full // 2
+
+
+def test_a_refused_miss_ends_its_single_flight(
+    make_gateway: Callable[..., Gateway], fake: FakeUpstream, state: dict[str, Any]
+) -> None:
+    # The miss is admitted in the lookup's call; refused there, it must still give up the
+    # single flight, or the next identical request would wait for an answer never coming.
+    gw = make(make_gateway, fake, state, budgets={"daily_usd": "0.000001"})
+    client = gw.client("key-1")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(model="cheap", messages=MSG, temperature=0)
+        assert refused.value.status_code == 402
+        assert refused.value.response.headers["x-gateway-cache"] == "miss"
+        assert time.perf_counter() - t0 < 5, "waited for a single flight that had ended"
+    assert fake.calls() == 0

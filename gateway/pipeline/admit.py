@@ -61,11 +61,28 @@ async def admit(
     ctx: RequestContext, *, amount: int | None = None, tokens: int | None = None
 ) -> None:
     """Reserve for the request; ``amount``/``tokens`` override the worst case (cache hits
-    and replays reserve only what they may be charged and count no tokens)."""
+    and replays reserve only what they may be charged and count no tokens). A request
+    admitted in the cache lookup's round trip (see ``cache.lookup``) is not admitted
+    again."""
+    if ctx.admission is not None:
+        return
+    a = admission_for(ctx, amount, tokens)
+    try:
+        res = await ctx.runtime.state.admit(a)
+    except StateUnavailable as exc:
+        raise state_unavailable(str(exc)) from None
+    admitted(ctx, a, res)
+
+
+def admission_for(
+    ctx: RequestContext, amount: int | None = None, tokens: int | None = None
+) -> Admission:
+    """What to ask the state for: the worst case, unless ``amount``/``tokens`` say
+    otherwise. A request whose worst case exceeds a tokens-per-minute limit outright
+    can never fit: 400, before asking."""
     rt = ctx.runtime
     tenant = ctx.tenant
-    model = ctx.model
-    assert tenant is not None and model is not None
+    assert tenant is not None and ctx.model is not None
     if amount is None or tokens is None:
         amount, tokens, _ = worst_case(ctx)
     limits, klim = tenant.limits, ctx.key_limits
@@ -85,7 +102,7 @@ async def admit(
         min_amount = max(m.price.cost(prompt, out) for m in ctx.route.chain)
         if min_amount >= amount:
             min_amount = None
-    admission = Admission(
+    return Admission(
         tenant=tenant.name,
         reservation_id=ctx.request_id,
         amount=amount,
@@ -98,20 +115,22 @@ async def admit(
         key_limits=None if klim is None else RateLimits(klim.rpm, klim.tpm, klim.concurrent),
         end_user=eu,
     )
-    try:
-        res = await rt.state.admit(admission)
-    except StateUnavailable as exc:
-        raise state_unavailable(str(exc)) from None
-    rt.note_windows(tenant.name, res.windows)
+
+
+def admitted(ctx: RequestContext, a: Admission, res: AdmitResult) -> None:
+    """Take the state's answer to ``a``: hold the reservation (lowering max tokens if
+    less was granted), or raise the rejection."""
+    rt = ctx.runtime
+    rt.note_windows(a.tenant, res.windows)
     ctx.end_user_state = res.end_user
     if not res.ok:
-        raise _rejection(ctx, res, amount)
+        raise _rejection(ctx, res, a.amount)
     ctx.admission = res
     ctx.reservation_id = ctx.request_id
     ctx.worst_case = res.granted
-    ctx.admitted_tokens = tokens
-    rt.leases.hold(tenant.name, ctx.request_id)
-    if res.granted < amount:
+    ctx.admitted_tokens = a.tokens
+    rt.leases.hold(a.tenant, ctx.request_id)
+    if res.granted < a.amount:
         _clamp(ctx, res.granted)
 
 

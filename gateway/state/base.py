@@ -295,6 +295,8 @@ class StateBackend(abc.ABC):
         """Release a claim whose request failed, so a retry really retries."""
 
     # -- cache -------------------------------------------------------------------------
+    # Keys are '<scope>:<hex digest>': the scope is the tenant, or '*shared' for entries
+    # tenants share (no tenant name starts with '*').
     @abc.abstractmethod
     async def cache_get(self, key: str) -> bytes | None: ...
 
@@ -315,6 +317,19 @@ class StateBackend(abc.ABC):
         if value is not None:
             return value, False
         return None, await self.flight_begin(key, lease_ms)
+
+    async def cache_lookup_admit(
+        self, key: str, lease_ms: int, a: Admission
+    ) -> tuple[bytes | None, bool, AdmitResult | None]:
+        """``cache_lookup``, then ``admit(a)`` if the caller now leads the single flight
+        (it will call upstream): (value, leads, the admission's result or None). A hit
+        and a caller that waits for another's answer are not admitted (None). A refused
+        admission leaves the lease taken: the caller ends the flight as after any
+        failure. A backend may do all of it in one round trip."""
+        value, leads = await self.cache_lookup(key, lease_ms)
+        if not leads:
+            return value, False, None
+        return None, True, await self.admit(a)
 
     async def cache_store(
         self, key: str, value: bytes | None, ttl_ms: int, end_flight: bool

@@ -18,9 +18,15 @@ the hash tag ``{<tenant>}``, so each script touches one Redis Cluster slot:
     <prefix>:v1:{<tenant>}:top-ups       hash    top-up idempotency key -> 'end_user
                                                  nanos row_id'
     <prefix>:v1:{<tenant>}:idem:<key>    hash    idempotency claim or stored response  TTL
-    <prefix>:v1:{<scope>}:cache:<hash>   string  b'<expiry ms>:' + cached response     TTL
-    <prefix>:v1:{<scope>}:flight:<hash>  string  single-flight lease expiry (ms)       TTL
+    <prefix>:v1:{<tenant>}:cache:<hash>  string  b'<expiry ms>:' + cached response     TTL
+    <prefix>:v1:{<tenant>}:flight:<hash> string  single-flight lease expiry (ms)       TTL
+    <prefix>:v1:{*shared:<hash>}:cache   string  the same, for entries tenants share   TTL
+    <prefix>:v1:{*shared:<hash>}:flight  string                                        TTL
     <prefix>:v1:tenants                  set     tenants that have a ledger stream
+
+A tenant's own cache entries are in its slot, so one script can look an entry up and
+admit the request that will compute it (cache_admit_v1); shared entries, which no tenant
+owns, each carry their whole name as the tag and spread over the slots.
 
 Keys that hold money or limits never carry a TTL, so under a ``volatile-*`` eviction
 policy only cache, flight and idempotency entries can be evicted; the scripts keep them
@@ -102,6 +108,7 @@ SCRIPTS = (
     "idem_abandon_v1",
     "flight_begin_v1",
     "cache_lookup_v1",
+    "cache_admit_v1",
     "cache_store_v1",
 )
 DEFAULT_MAX_CONNECTIONS = 100  # per process
@@ -328,6 +335,30 @@ def check_url(url: str) -> None:
     _tls_context(BlockingConnectionPool.from_url(url))  # a pool opens nothing until used
 
 
+def _admit_result(a: Admission, r: list[Any]) -> AdmitResult:
+    """admit_v1's reply as an AdmitResult."""
+    ok, granted, now = bool(r[0]), int(r[1]), int(r[2])
+    by, window = _text(r[3]), _text(r[4])
+    return AdmitResult(
+        ok=ok,
+        granted=granted,
+        windows=_windows(a.budgets, now, r[6:9], int(r[9])),
+        rate=rate_state(
+            a,
+            now,
+            int(r[10]),
+            int(r[11]),
+            int(r[12]),
+            KeyCounts(int(r[10]), int(r[13]), int(r[14])) if a.key_limits is not None else None,
+        ),
+        now_ms=now,
+        rejected_by=by or None,  # type: ignore[arg-type]
+        window=window or None,
+        retry_after_ms=int(r[5]),
+        end_user=None if a.end_user is None else _end_user_state(a.end_user.budgets, now, r[15:21]),
+    )
+
+
 class RedisState(StateBackend):
     """State shared by every gateway process through one Redis (7.0 or newer).
 
@@ -402,9 +433,13 @@ class RedisState(StateBackend):
         return [self._key("eu", tenant, end_user), self._key("eu-ledger", tenant, end_user)]
 
     def _scoped(self, kind: str, key: str) -> str:
-        """A cache or flight key ('<tenant>:<hex>', 'shared:<hex>'). Each is used alone, so
-        the whole key is its hash tag: entries spread over a Cluster's slots."""
-        return self._key(kind, key)
+        """A cache or flight key ('<tenant>:<hex>', or '*shared:<hex>'): a tenant's in
+        the tenant's slot; another scope's (not a tenant: no tenant name starts with
+        '*') with the whole key as its hash tag, spread over a Cluster's slots."""
+        scope, _, digest = key.rpartition(":")
+        if not scope or scope.startswith("*"):
+            return self._key(kind, key)
+        return self._key(kind, scope, digest)
 
     def _now_arg(self) -> str:
         return "0" if self.clock is None else str(self.clock.now_ms())
@@ -525,45 +560,25 @@ class RedisState(StateBackend):
 
     # -- money and limits ------------------------------------------------------------------
     async def admit(self, a: Admission) -> AdmitResult:
+        keys, args = self._admit_call(a)
+        return _admit_result(a, await self._script("admit_v1", keys, args))
+
+    def _admit_call(self, a: Admission) -> tuple[list[str], list[Any]]:
+        """admit_v1's keys and arguments for ``a``."""
         lim, klim = a.limits, a.key_limits
         key = a.key if klim is not None else ""
         keys = self._money_keys(a.tenant)
         if a.end_user is not None:
             keys.append(self._end_user_keys(a.tenant, a.end_user.id)[0])
-        r = await self._script(
-            "admit_v1",
-            keys,
-            [
-                self._now_arg(), a.reservation_id, a.amount, a.tokens, a.lease_ms,
-                _opt(a.min_amount), "1" if a.count_request else "0",
-                _opt(lim.rpm), _opt(lim.tpm), _opt(lim.concurrent), *_budget_args(a.budgets),
-                key, *((_opt(klim.rpm), _opt(klim.tpm), _opt(klim.concurrent)) if klim else
-                       ("", "", "")),
-                *_end_user_args(a.end_user),
-            ],
-        )  # fmt: skip
-        ok, granted, now = bool(r[0]), int(r[1]), int(r[2])
-        by, window = _text(r[3]), _text(r[4])
-        return AdmitResult(
-            ok=ok,
-            granted=granted,
-            windows=_windows(a.budgets, now, r[6:9], int(r[9])),
-            rate=rate_state(
-                a,
-                now,
-                int(r[10]),
-                int(r[11]),
-                int(r[12]),
-                KeyCounts(int(r[10]), int(r[13]), int(r[14])) if key else None,
-            ),
-            now_ms=now,
-            rejected_by=by or None,  # type: ignore[arg-type]
-            window=window or None,
-            retry_after_ms=int(r[5]),
-            end_user=None
-            if a.end_user is None
-            else _end_user_state(a.end_user.budgets, now, r[15:21]),
-        )
+        args = [
+            self._now_arg(), a.reservation_id, a.amount, a.tokens, a.lease_ms,
+            _opt(a.min_amount), "1" if a.count_request else "0",
+            _opt(lim.rpm), _opt(lim.tpm), _opt(lim.concurrent), *_budget_args(a.budgets),
+            key, *((_opt(klim.rpm), _opt(klim.tpm), _opt(klim.concurrent)) if klim else
+                   ("", "", "")),
+            *_end_user_args(a.end_user),
+        ]  # fmt: skip
+        return keys, args
 
     async def settle(self, s: Settlement) -> SettleResult:
         if s.tenant not in self._ledger_tenants:
@@ -797,6 +812,23 @@ class RedisState(StateBackend):
         if int(r[0]):
             return bytes(r[1]), False
         return None, bool(int(r[1]))
+
+    async def cache_lookup_admit(
+        self, key: str, lease_ms: int, a: Admission
+    ) -> tuple[bytes | None, bool, AdmitResult | None]:
+        if key.rpartition(":")[0] != a.tenant:  # another slot: two round trips
+            return await super().cache_lookup_admit(key, lease_ms, a)
+        keys, args = self._admit_call(a)
+        r = await self._script(
+            "cache_admit_v1",
+            [self._scoped("cache", key), self._scoped("flight", key), *keys],
+            [lease_ms, *args],
+        )
+        if int(r[0]):
+            return bytes(r[1]), False, None
+        if not int(r[1]):
+            return None, False, None
+        return None, True, _admit_result(a, r[2])
 
     async def cache_store(
         self, key: str, value: bytes | None, ttl_ms: int, end_flight: bool

@@ -650,19 +650,19 @@ async def test_cache_get_put_and_ttl(backend: StateBackend, clock: ManualClock) 
     await backend.cache_put(key, value, 10_000)
     assert await backend.cache_get(key) == value
     assert await backend.cache_get(f"zeta:eu:{'ab' * 32}") is None  # another scope
-    assert await backend.cache_get(f"shared:{'ab' * 32}") is None
+    assert await backend.cache_get(f"*shared:{'ab' * 32}") is None
     await backend.cache_put(key, b"newer", 10_000)
     assert await backend.cache_get(key) == b"newer"
     clock.advance(9_999)
     assert await backend.cache_get(key) == b"newer"
     clock.advance(1)
     assert await backend.cache_get(key) is None
-    await backend.cache_put(f"shared:{'cd' * 32}", b"", 10_000)
-    assert await backend.cache_get(f"shared:{'cd' * 32}") == b""
+    await backend.cache_put(f"*shared:{'cd' * 32}", b"", 10_000)
+    assert await backend.cache_get(f"*shared:{'cd' * 32}") == b""
 
 
 async def test_single_flight(backend: StateBackend, clock: ManualClock) -> None:
-    key, other = f"{TENANT}:{'ab' * 32}", f"shared:{'ab' * 32}"
+    key, other = f"{TENANT}:{'ab' * 32}", f"*shared:{'ab' * 32}"
     assert await backend.flight_begin(key, 5_000) is True
     assert await backend.flight_begin(key, 5_000) is False
     assert await backend.flight_begin(other, 5_000) is True
@@ -691,6 +691,60 @@ async def test_cache_lookup_and_store_combine_cache_and_flight(
     await backend.cache_store(key, None, 0, end_flight=False)  # nothing to do
     clock.advance(5_000)  # the new leader's lease lapsed too
     assert await backend.cache_lookup(key, 5_000) == (None, True)
+
+
+async def test_cache_lookup_admit_admits_only_the_caller_that_computes(
+    backend: StateBackend, clock: ManualClock
+) -> None:
+    key = f"{TENANT}:{'ef' * 32}"
+    b = BudgetLimits(daily=1_000)
+    # A miss: the caller leads the single flight and is admitted in the same call.
+    value, leads, res = await backend.cache_lookup_admit(
+        key, 5_000, admission("r1", 300, budgets=b)
+    )
+    assert (value, leads) == (None, True)
+    assert res is not None and res.ok and res.granted == 300
+    assert window(await backend.usage(TENANT, b), "daily").reserved == 300
+    # Another caller while it computes: waits, and holds nothing (it may be served a hit).
+    assert await backend.cache_lookup_admit(key, 5_000, admission("r2", 300, budgets=b)) == (
+        None, False, None,
+    )  # fmt: skip
+    assert window(await backend.usage(TENANT, b), "daily").reserved == 300
+    await settle(backend, "r1", 200, budgets=b)
+    await backend.cache_store(key, b"answer", 10_000, end_flight=True)
+    # A hit: nothing admitted (the pipeline admits it at what a hit is charged).
+    assert await backend.cache_lookup_admit(key, 5_000, admission("r3", 300, budgets=b)) == (
+        b"answer", False, None,
+    )  # fmt: skip
+    daily = window(await backend.usage(TENANT, b), "daily")
+    assert (daily.spent, daily.reserved) == (200, 0)
+
+
+async def test_cache_lookup_admit_refused_keeps_the_flight_for_the_caller_to_end(
+    backend: StateBackend, clock: ManualClock
+) -> None:
+    key = f"{TENANT}:{'fe' * 32}"
+    b = BudgetLimits(daily=1_000)
+    value, leads, res = await backend.cache_lookup_admit(
+        key, 5_000, admission("r1", 5_000, budgets=b)
+    )
+    assert (value, leads) == (None, True)
+    assert res is not None and not res.ok and res.rejected_by == "budget"
+    assert window(await backend.usage(TENANT, b), "daily").reserved == 0  # changed nothing
+    assert await backend.cache_lookup(key, 5_000) == (None, False)  # the lease is held...
+    await backend.cache_store(key, None, 10_000, end_flight=True)  # ...until it is ended
+    value, leads, res = await backend.cache_lookup_admit(
+        key, 5_000, admission("r2", 500, budgets=b)
+    )
+    assert (value, leads) == (None, True) and res is not None and res.ok
+
+
+async def test_cache_lookup_admit_of_a_shared_entry(backend: StateBackend) -> None:
+    # Shared entries live outside the tenant's Redis slot: two calls, the same answers.
+    key = f"*shared:{'ef' * 32}"
+    value, leads, res = await backend.cache_lookup_admit(key, 5_000, admission("r1", 10))
+    assert (value, leads) == (None, True) and res is not None and res.ok
+    assert await backend.cache_lookup_admit(key, 5_000, admission("r2", 10)) == (None, False, None)
 
 
 # -- Redis only -------------------------------------------------------------------------
@@ -762,10 +816,12 @@ async def test_money_keys_never_expire_and_share_the_tenant_slot(
     await s.idem_begin(t, "user-key-{1}", "fp", 5_000)
     await s.cache_put(f"{t}:{'ab' * 32}", b"v", 5_000)
     await s.flight_begin(f"{t}:{'ab' * 32}", 5_000)
+    await s.cache_put(f"*shared:{'cd' * 32}", b"v", 5_000)
     keys = await _keys(s)
     tag = f"{p}:v1:{{{t}}}"
-    cache = f"{p}:v1:{{{t}:{'ab' * 32}}}:cache"
-    flight = f"{p}:v1:{{{t}:{'ab' * 32}}}:flight"
+    cache = f"{tag}:cache:{'ab' * 32}"
+    flight = f"{tag}:flight:{'ab' * 32}"
+    shared = f"{p}:v1:{{*shared:{'cd' * 32}}}:cache"
     assert keys == {
         f"{tag}:budget": ("hash", -1),
         f"{tag}:leases": ("zset", -1),
@@ -778,15 +834,17 @@ async def test_money_keys_never_expire_and_share_the_tenant_slot(
         f"{tag}:idem:user-key-{{1}}": ("hash", keys[f"{tag}:idem:user-key-{{1}}"][1]),
         cache: ("string", keys[cache][1]),
         flight: ("string", keys[flight][1]),
+        shared: ("string", keys[shared][1]),
         redis_key(p, "tenants"): ("set", -1),
     }
-    for key in (f"{tag}:idem:user-key-{{1}}", cache, flight):
+    for key in (f"{tag}:idem:user-key-{{1}}", cache, flight, shared):
         assert 0 < keys[key][1] <= 5_000
-    # money, limits, ledger and idempotency of a tenant share its slot (one script each)
+    # money, limits, ledger, idempotency and the tenant's own cache entries share its
+    # slot (one script each, cache_admit_v1 across the cache and the money)
     slots = {key_slot(k.encode()) for k in keys if k.startswith(tag)}
     assert slots == {key_slot(t.encode())}
-    # a cache entry is used alone: its whole key is its tag, so entries spread out
-    assert cache == f"{p}:v1:{{{t}:{'ab' * 32}}}:cache"
+    # an entry tenants share belongs to none: its whole key is its tag, so they spread
+    assert key_slot(shared.encode()) == key_slot(f"*shared:{'cd' * 32}".encode())
 
 
 @pytest.mark.redis
@@ -814,7 +872,7 @@ async def test_past_periods_and_leases_are_deleted_not_left_to_ttls(
 
 
 @pytest.mark.redis
-async def test_admit_and_settle_are_one_round_trip_each(
+async def test_admit_settle_and_lookup_with_admit_are_one_round_trip_each(
     redis_backend: RedisState, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     commands: list[str] = []
@@ -840,6 +898,13 @@ async def test_admit_and_settle_are_one_round_trip_each(
         await redis_backend.settle(Settlement(TENANT, f"r{i}", 5, 0, b, ledger_row(f"r{i}", 0)))
     # The tenant is added to the tenants set once per process, before its first row.
     assert commands == ["EVALSHA", "SADD", "EVALSHA"] + ["EVALSHA"] * 4
+    # A cache miss's lookup and its admission: one round trip too.
+    commands.clear()
+    _, leads, res = await redis_backend.cache_lookup_admit(
+        f"{TENANT}:{'aa' * 32}", 5_000, admission("r9", 10, budgets=b)
+    )
+    assert leads and res is not None and res.ok
+    assert commands == ["EVALSHA"]
 
 
 def test_tenant_keys_are_made_once_and_their_map_stays_bounded() -> None:

@@ -262,6 +262,7 @@ class LockstepMachine(AsyncMachine):
         lease=st.sampled_from([1_000, LEASE, 10 * MINUTE_MS]),
         key=st.sampled_from(["", "ka", "kb"]),
         end_user=st.sampled_from(sorted(END_USERS)),
+        with_lookup=st.booleans(),
     )
     def admit(
         self,
@@ -272,6 +273,7 @@ class LockstepMachine(AsyncMachine):
         lease: int,
         key: str,
         end_user: str,
+        with_lookup: bool,
     ) -> Any:
         self.n += 1
         rid = f"r{self.n}"
@@ -280,7 +282,12 @@ class LockstepMachine(AsyncMachine):
                       concurrent=4), lease, amount // 3 if clamp else None, count, key,
                       RateLimits(rpm=3, tpm=2_500, concurrent=2) if key else None,
                       eu)  # fmt: skip
-        res = self.both(lambda s: s.admit(a))
+        if with_lookup:  # a cache miss admitted in the lookup's call (cache_admit_v1)
+            entry = f"{TENANT}:{self.n:064x}"
+            value, leads, res = self.both(lambda s: s.cache_lookup_admit(entry, lease, a))
+            assert value is None and leads and res is not None
+        else:
+            res = self.both(lambda s: s.admit(a))
         event(f"admit: {res.rejected_by or ('clamped' if res.granted < amount else 'ok')}")
         return rid if res.ok else multiple()
 
