@@ -8,9 +8,8 @@ A replayed idempotent response or a cache hit skips ``forward`` but is still adm
 (rate limits count it; it reserves only what a hit may be charged) and settled, so every
 request that reached a tenant has exactly one ledger row. A cache miss is admitted in
 its lookup's call to the state (one Redis round trip for both); ``admit`` then has
-nothing left to do. Whatever happens (an error, a
-client that disconnects, a cancelled task), ``finish`` settles and records, shielded
-from cancellation."""
+nothing left to do. Whatever happens (an error, a client that disconnects, a cancelled
+task), ``finish`` settles and records, shielded from cancellation."""
 
 from __future__ import annotations
 
