@@ -335,6 +335,13 @@ def check_url(url: str) -> None:
     _tls_context(BlockingConnectionPool.from_url(url))  # a pool opens nothing until used
 
 
+def _tenant_of(key: str) -> str | None:
+    """The tenant whose slot holds cache key ``key`` ('<scope>:<hex>'), or None for a
+    scope that is no tenant ('*shared': no tenant name starts with '*')."""
+    scope = key.rpartition(":")[0]
+    return None if not scope or scope.startswith("*") else scope
+
+
 def _admit_result(a: Admission, r: list[Any]) -> AdmitResult:
     """admit_v1's reply as an AdmitResult."""
     ok, granted, now = bool(r[0]), int(r[1]), int(r[2])
@@ -434,12 +441,12 @@ class RedisState(StateBackend):
 
     def _scoped(self, kind: str, key: str) -> str:
         """A cache or flight key ('<tenant>:<hex>', or '*shared:<hex>'): a tenant's in
-        the tenant's slot; another scope's (not a tenant: no tenant name starts with
-        '*') with the whole key as its hash tag, spread over a Cluster's slots."""
-        scope, _, digest = key.rpartition(":")
-        if not scope or scope.startswith("*"):
+        the tenant's slot; another scope's with the whole key as its hash tag, spread
+        over a Cluster's slots."""
+        tenant = _tenant_of(key)
+        if tenant is None:
             return self._key(kind, key)
-        return self._key(kind, scope, digest)
+        return self._key(kind, tenant, key[len(tenant) + 1 :])
 
     def _now_arg(self) -> str:
         return "0" if self.clock is None else str(self.clock.now_ms())
@@ -816,7 +823,7 @@ class RedisState(StateBackend):
     async def cache_lookup_admit(
         self, key: str, lease_ms: int, a: Admission
     ) -> tuple[bytes | None, bool, AdmitResult | None]:
-        if key.rpartition(":")[0] != a.tenant:  # another slot: two round trips
+        if _tenant_of(key) != a.tenant:  # another slot: two round trips
             return await super().cache_lookup_admit(key, lease_ms, a)
         keys, args = self._admit_call(a)
         r = await self._script(

@@ -693,29 +693,29 @@ async def test_cache_lookup_and_store_combine_cache_and_flight(
     assert await backend.cache_lookup(key, 5_000) == (None, True)
 
 
+async def lookup_admit(
+    backend: StateBackend, key: str, rid: str, amount: int, budgets: BudgetLimits
+) -> tuple[bytes | None, bool, AdmitResult | None]:
+    return await backend.cache_lookup_admit(key, 5_000, admission(rid, amount, budgets=budgets))
+
+
 async def test_cache_lookup_admit_admits_only_the_caller_that_computes(
     backend: StateBackend, clock: ManualClock
 ) -> None:
     key = f"{TENANT}:{'ef' * 32}"
     b = BudgetLimits(daily=1_000)
     # A miss: the caller leads the single flight and is admitted in the same call.
-    value, leads, res = await backend.cache_lookup_admit(
-        key, 5_000, admission("r1", 300, budgets=b)
-    )
+    value, leads, res = await lookup_admit(backend, key, "r1", 300, b)
     assert (value, leads) == (None, True)
     assert res is not None and res.ok and res.granted == 300
     assert window(await backend.usage(TENANT, b), "daily").reserved == 300
     # Another caller while it computes: waits, and holds nothing (it may be served a hit).
-    assert await backend.cache_lookup_admit(key, 5_000, admission("r2", 300, budgets=b)) == (
-        None, False, None,
-    )  # fmt: skip
+    assert await lookup_admit(backend, key, "r2", 300, b) == (None, False, None)
     assert window(await backend.usage(TENANT, b), "daily").reserved == 300
     await settle(backend, "r1", 200, budgets=b)
     await backend.cache_store(key, b"answer", 10_000, end_flight=True)
     # A hit: nothing admitted (the pipeline admits it at what a hit is charged).
-    assert await backend.cache_lookup_admit(key, 5_000, admission("r3", 300, budgets=b)) == (
-        b"answer", False, None,
-    )  # fmt: skip
+    assert await lookup_admit(backend, key, "r3", 300, b) == (b"answer", False, None)
     daily = window(await backend.usage(TENANT, b), "daily")
     assert (daily.spent, daily.reserved) == (200, 0)
 
@@ -725,17 +725,13 @@ async def test_cache_lookup_admit_refused_keeps_the_flight_for_the_caller_to_end
 ) -> None:
     key = f"{TENANT}:{'fe' * 32}"
     b = BudgetLimits(daily=1_000)
-    value, leads, res = await backend.cache_lookup_admit(
-        key, 5_000, admission("r1", 5_000, budgets=b)
-    )
+    value, leads, res = await lookup_admit(backend, key, "r1", 5_000, b)
     assert (value, leads) == (None, True)
     assert res is not None and not res.ok and res.rejected_by == "budget"
     assert window(await backend.usage(TENANT, b), "daily").reserved == 0  # changed nothing
     assert await backend.cache_lookup(key, 5_000) == (None, False)  # the lease is held...
     await backend.cache_store(key, None, 10_000, end_flight=True)  # ...until it is ended
-    value, leads, res = await backend.cache_lookup_admit(
-        key, 5_000, admission("r2", 500, budgets=b)
-    )
+    value, leads, res = await lookup_admit(backend, key, "r2", 500, b)
     assert (value, leads) == (None, True) and res is not None and res.ok
 
 
